@@ -1,0 +1,318 @@
+"""MoRA's non-parameter compress/decompress operators (Section 4, Eq. 2–11; Appendix B).
+
+Notation follows the paper: the frozen weight is W0 ∈ R^{d×k} (``out_features`` d,
+``in_features`` k) and MoRA trains one square M ∈ R^{r̂×r̂} with
+
+    h = W0 x + f_decomp(M f_comp(x))                                         (Eq. 2)
+    f_decomp(M f_comp(x)) = ΔW x,  ΔW = f_decomp(f_comp(M))                   (Eq. 3)
+
+Four named operators, each a pair (f_comp, f_decomp):
+
+* ``truncate`` (Eq. 4–5): keep the first r̂ inputs, write the first r̂ outputs.
+* ``share`` (Eq. 6–7): sum the inputs of each group g_i, copy y_i to every output of group g'_i.
+  Group layouts, chosen independently for the input and the output side (Appendix B):
+  ``cyclic`` — feature j belongs to group j mod r̂ (Algorithm 1/2 "type 0": ``view(k/r̂, r̂).sum``
+  and ``repeat``); ``block`` — contiguous groups whose sizes differ by at most one, the first
+  (k mod r̂) one larger (Algorithm 1/2 "type 1": ``view(r̂, k/r̂).sum`` and ``repeat_interleave``).
+  The paper also calls these "adjacent" groupings in both places, which is ambiguous, so this code
+  names them by what they do. The official ``mora_type`` codes are (cyclic, cyclic) = 1,
+  (block, block) = 2, (block, cyclic) = 3, (cyclic, block) = 4.
+* ``decouple`` (Eq. 8): cut the (padded) input into n = ⌈k/r̂⌉ blocks, apply M to each, concatenate.
+* ``rotate`` (Eq. 9–11): as decouple, but block i is first rotated RoPE-style by angles i·θ_j,
+  θ_j = 10000^{-2(j-1)/r̂}, pairing coordinates t and t + r̂/2 ("rotate-half", as the official
+  code); block 0 is therefore unrotated (official ``mora_type`` 6).
+
+Where the paper is silent (Section 4 "omits padding and truncation") we follow the official code:
+inputs are padded by wrapping around (x̃_p = x_{p mod k}; ``zero`` as an option), the concatenated
+outputs of decouple/rotate are truncated to d or tiled when shorter than d (output i reads
+concatenated position i mod nr̂). Known quirks kept for fidelity: with rotation/decouple and
+k > d, only the first ⌈d/r̂⌉ input blocks reach the output, so the other inputs have no effect on
+ΔW (we skip computing them); with d < r̂ the rows of M past d are never used.
+
+Everything here is a pure function of tensors; shapes are documented as (..., features).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+OPERATORS = ("truncate", "share", "decouple", "rotate")
+GROUP_KINDS = ("cyclic", "block")
+PADDINGS = ("wrap", "zero")
+
+# Official ``mora_type`` integers -> (operator, compress_groups, decompress_groups).
+OFFICIAL_MORA_TYPES = {
+    1: ("share", "cyclic", "cyclic"),
+    2: ("share", "block", "block"),
+    3: ("share", "block", "cyclic"),
+    4: ("share", "cyclic", "block"),
+    6: ("rotate", "cyclic", "cyclic"),
+}
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {name}={value!r}")
+
+
+@dataclass(frozen=True)
+class MoRALayout:
+    """Shapes and named operator choices of one MoRA adapter (validated on construction)."""
+
+    in_features: int
+    out_features: int
+    r_hat: int
+    operator: str = "share"
+    compress_groups: str = "cyclic"
+    decompress_groups: str = "cyclic"
+    padding: str = "wrap"
+
+    def __post_init__(self) -> None:
+        _check_choice("operator", self.operator, OPERATORS)
+        _check_choice("compress_groups", self.compress_groups, GROUP_KINDS)
+        _check_choice("decompress_groups", self.decompress_groups, GROUP_KINDS)
+        _check_choice("padding", self.padding, PADDINGS)
+        for name in ("in_features", "out_features", "r_hat"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {name}={getattr(self, name)}")
+        if self.operator == "rotate" and self.r_hat % 2:
+            raise ValueError(f"operator='rotate' rotates coordinate pairs and needs an even r_hat, "
+                             f"got r_hat={self.r_hat}")
+
+    @property
+    def n_blocks(self) -> int:
+        """n = ⌈k/r̂⌉ input blocks of decouple/rotate (Eq. 8)."""
+        return math.ceil(self.in_features / self.r_hat)
+
+    @property
+    def n_used_blocks(self) -> int:
+        """Blocks whose outputs reach one of the d outputs; the rest cannot affect ΔW."""
+        return min(self.n_blocks, math.ceil(self.out_features / self.r_hat))
+
+    def switched(self) -> "MoRALayout":
+        """The layout with cyclic ↔ block swapped on both sides (ReMoRA, Appendix B)."""
+        swap = {"cyclic": "block", "block": "cyclic"}
+        return MoRALayout(self.in_features, self.out_features, self.r_hat, self.operator,
+                          swap[self.compress_groups], swap[self.decompress_groups], self.padding)
+
+
+# ----------------------------------------------------------------------------- padding
+
+def padded_sources(in_features: int, start: int, length: int, padding: str) -> torch.Tensor:
+    """Source feature of padded positions start … start+length-1 (−1 where zero-padded)."""
+    positions = torch.arange(start, start + length)
+    if padding == "wrap":
+        return positions % in_features
+    return torch.where(positions < in_features, positions, -1)
+
+
+def padded_slice(x: torch.Tensor, start: int, length: int, padding: str) -> torch.Tensor:
+    """x̃[..., start:start+length] of the padded input without materialising all of x̃."""
+    k = x.shape[-1]
+    inside = x[..., start:min(k, start + length)]
+    n_pad = length - inside.shape[-1]
+    if n_pad == 0:
+        return inside
+    if padding == "wrap":  # x̃_p = x_{p mod k}: may wrap more than once when k is small
+        src = torch.arange(max(start, k), start + length, device=x.device) % k
+        pad = x.index_select(-1, src)
+    else:
+        pad = x.new_zeros(*x.shape[:-1], n_pad)
+    return torch.cat([inside, pad], dim=-1)
+
+
+def fold_padded_columns(delta_padded: torch.Tensor, in_features: int, padding: str) -> torch.Tensor:
+    """Map a ΔW̃ over padded input positions (d, P) back onto the k real inputs (d, k).
+
+    A wrapped position p reads feature p mod k, so its column is added onto that feature's;
+    zero-padded positions read nothing and are dropped.
+    """
+    d, n_positions = delta_padded.shape
+    if n_positions <= in_features:
+        delta = delta_padded.new_zeros(d, in_features)
+        delta[:, :n_positions] = delta_padded
+        return delta
+    delta = delta_padded[:, :in_features].clone()
+    if padding == "wrap":
+        src = padded_sources(in_features, in_features, n_positions - in_features, padding)
+        delta.index_add_(1, src.to(delta.device), delta_padded[:, in_features:])
+    return delta
+
+
+# ----------------------------------------------------------------------------- groups
+
+def block_groups(n_features: int, r_hat: int) -> torch.Tensor:
+    """Group of each feature for contiguous groups, sizes ⌈n/r̂⌉ first then ⌊n/r̂⌋ (n,)."""
+    q, m = divmod(n_features, r_hat)
+    j = torch.arange(n_features)
+    n_big = m * (q + 1)
+    return torch.where(j < n_big, j // (q + 1), m + (j - n_big) // max(q, 1))
+
+
+def compress_cyclic(x: torch.Tensor, r_hat: int, padding: str) -> torch.Tensor:
+    """(..., k) -> (..., r̂): c_i = Σ_{p ≡ i mod r̂} x̃_p over the padded length ⌈k/r̂⌉·r̂ (Eq. 6)."""
+    q, rem = divmod(x.shape[-1], r_hat)
+    tail = padded_slice(x, q * r_hat, r_hat, padding) if rem else None
+    if q == 0:
+        return tail
+    c = x[..., :q * r_hat].unflatten(-1, (q, r_hat)).sum(-2)  # (..., r̂)
+    return c if tail is None else c.add_(tail)
+
+
+def compress_block(x: torch.Tensor, r_hat: int) -> torch.Tensor:
+    """(..., k) -> (..., r̂): sums over contiguous groups, the first k mod r̂ one larger (Eq. 6)."""
+    q, m = divmod(x.shape[-1], r_hat)
+    n_big = m * (q + 1)
+    big = x[..., :n_big].unflatten(-1, (m, q + 1)).sum(-1)            # (..., m)
+    small = x[..., n_big:].unflatten(-1, (r_hat - m, q)).sum(-1)      # (..., r̂ - m)
+    return torch.cat([big, small], dim=-1)
+
+
+def add_periodic(out: torch.Tensor, z: torch.Tensor, offset: int, period: int) -> torch.Tensor:
+    """In place: out[..., i] += ẑ[(i mod period) − offset] where ẑ = z flattened over blocks.
+
+    ``z`` is (..., n_blocks, block) and may be a strided view (no copy is made). With
+    period ≥ d this writes z once at ``offset`` (truncate, or decouple truncated to d); with a
+    smaller period it tiles (share's cyclic decompression, decouple shorter than d).
+    """
+    d = out.shape[-1]
+    n_blocks, block = z.shape[-2:]
+    span = n_blocks * block
+    n_full, rem = divmod(d, period)
+    if n_full:
+        tiles = out[..., :n_full * period].unflatten(-1, (n_full, period))
+        tiles[..., offset:offset + span].unflatten(-1, (n_blocks, block)).add_(z.unsqueeze(-3))
+    width = min(span, rem - offset)  # the last, partial tile
+    if width > 0:
+        start = n_full * period + offset
+        whole, part = divmod(width, block)
+        if whole:
+            out[..., start:start + whole * block].unflatten(-1, (whole, block)).add_(z[..., :whole, :])
+        if part:
+            out[..., start + whole * block:start + width].add_(z[..., whole, :part])
+    return out
+
+
+def add_interleaved(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """In place: out[..., i] += y[..., group(i)] for contiguous output groups (Eq. 6, block)."""
+    r_hat = y.shape[-1]
+    q, m = divmod(out.shape[-1], r_hat)
+    n_big = m * (q + 1)
+    if m:
+        out[..., :n_big].unflatten(-1, (m, q + 1)).add_(y[..., :m, None])
+    if q:
+        out[..., n_big:].unflatten(-1, (r_hat - m, q)).add_(y[..., m:, None])
+    return out
+
+
+# ----------------------------------------------------------------------------- rotation
+
+def rotation_tables(r_hat: int, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of angles i·θ_t for blocks i < n_blocks, float32 (n_blocks, r̂) (Eq. 10–11).
+
+    θ_t = 10000^{-2t/r̂} for t < r̂/2, repeated for the partner coordinate t + r̂/2.
+    """
+    theta = 10000.0 ** (-torch.arange(0, r_hat, 2, dtype=torch.float64) / r_hat)  # (r̂/2,)
+    angles = torch.outer(torch.arange(n_blocks, dtype=torch.float64), theta)       # (n, r̂/2)
+    angles = torch.cat([angles, angles], dim=-1)                                  # (n, r̂)
+    return angles.cos().float(), angles.sin().float()
+
+
+def rotated_blocks(M: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """P^i = M R_i for every block i (Eq. 10): (r̂, r̂) -> (n, r̂, r̂).
+
+    With rotate-half, (R v)_t = v_t cos − v_{t+h} sin and (R v)_{t+h} = v_{t+h} cos + v_t sin, so
+    column t of M R is M_t cos + M_{t+h} sin and column t+h is M_{t+h} cos − M_t sin. Cost n·r̂²,
+    independent of the number of tokens.
+    """
+    h = M.shape[-1] // 2
+    M_half_swapped = torch.cat([M[:, h:], -M[:, :h]], dim=-1)          # (r̂, r̂)
+    cos, sin = cos.to(M.dtype)[:, None, :], sin.to(M.dtype)[:, None, :]  # (n, 1, r̂)
+    return M * cos + M_half_swapped * sin
+
+
+# ----------------------------------------------------------------------------- Δx and ΔW
+
+def add_mora_update(out: torch.Tensor, x: torch.Tensor, M: torch.Tensor, layout: MoRALayout,
+                    cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
+    """In place: out (..., d) += f_decomp(M f_comp(x)) for x (..., k) (Eq. 2); returns out.
+
+    ``cos``/``sin`` are the tables of :func:`rotation_tables` (rotate only). Computes in M's dtype.
+    """
+    x = x.to(M.dtype)
+    if layout.operator == "truncate":
+        c = padded_slice(x, 0, layout.r_hat, layout.padding)                 # (..., r̂)
+        y = c @ M.T
+        return add_periodic(out, y.unsqueeze(-2).to(out.dtype), 0, max(layout.out_features, layout.r_hat))
+    if layout.operator == "share":
+        c = (compress_cyclic(x, layout.r_hat, layout.padding) if layout.compress_groups == "cyclic"
+             else compress_block(x, layout.r_hat))                            # (..., r̂)
+        y = (c @ M.T).to(out.dtype)                                          # (..., r̂)
+        if layout.decompress_groups == "cyclic":
+            return add_periodic(out, y.unsqueeze(-2), 0, layout.r_hat)
+        return add_interleaved(out, y)
+    P = M if layout.operator == "decouple" else rotated_blocks(M, cos, sin)
+    return _add_blockwise(out, x, P, layout)
+
+
+def _add_blockwise(out: torch.Tensor, x: torch.Tensor, P: torch.Tensor, layout: MoRALayout) -> torch.Tensor:
+    """decouple/rotate: out += concat_i(P^i x̃_i) truncated or tiled to d (Eq. 8–9).
+
+    ``P`` is M (decouple) or the stack of M R_i (rotate). Full blocks are read as a view of x;
+    only a partial last block is padded (an r̂-wide copy), so nothing input-sized is copied.
+    """
+    r, k = layout.r_hat, layout.in_features
+    lead = x.shape[:-1]
+    x2, out2 = x.reshape(-1, k), out.view(-1, layout.out_features)      # (T, k), (T, d)
+    period = layout.n_blocks * r
+    n_full = min(k // r, layout.n_used_blocks)
+    if n_full:
+        blocks = x2[:, :n_full * r].unflatten(-1, (n_full, r))        # (T, n_full, r̂) view
+        if P.dim() == 2:
+            z = blocks @ P.T                                          # (T, n_full, r̂)
+        else:  # one batched matmul over blocks; z is a (T, n_full, r̂) view of (n_full, T, r̂)
+            z = torch.bmm(blocks.transpose(0, 1), P[:n_full].transpose(1, 2)).transpose(0, 1)
+        add_periodic(out2, z.to(out.dtype), 0, period)
+    if layout.n_used_blocks > n_full:  # the padded last block reaches the output
+        tail = padded_slice(x2, n_full * r, r, layout.padding)        # (T, r̂)
+        P_last = P if P.dim() == 2 else P[n_full]
+        add_periodic(out2, (tail @ P_last.T).unsqueeze(-2).to(out.dtype), n_full * r, period)
+    return out2.view(*lead, layout.out_features)
+
+
+def mora_delta_weight(M: torch.Tensor, layout: MoRALayout, cos: torch.Tensor | None = None,
+                      sin: torch.Tensor | None = None) -> torch.Tensor:
+    """ΔW = f_decomp(f_comp(M)) ∈ R^{d×k} (Eq. 3), vectorised, in M's dtype."""
+    d, k, r = layout.out_features, layout.in_features, layout.r_hat
+    if layout.operator == "truncate":  # Eq. 5: M in the top-left corner
+        delta_padded = M.new_zeros(d, r)
+        rows = min(d, r)
+        delta_padded[:rows] = M[:rows]
+        return fold_padded_columns(delta_padded, k, layout.padding)
+    if layout.operator == "share":  # Eq. 7: ΔW_ij = M[g'(i), g(j)]
+        rows = M[_output_groups(layout).to(M.device)]                     # (d, r̂)
+        if layout.compress_groups == "block":
+            return rows[:, block_groups(k, r).to(M.device)]
+        n_positions = layout.n_blocks * r
+        return fold_padded_columns(rows[:, torch.arange(n_positions, device=M.device) % r], k, layout.padding)
+    return _blockwise_delta_weight(M, layout, cos, sin)
+
+
+def _output_groups(layout: MoRALayout) -> torch.Tensor:
+    d, r = layout.out_features, layout.r_hat
+    return torch.arange(d) % r if layout.decompress_groups == "cyclic" else block_groups(d, r)
+
+
+def _blockwise_delta_weight(M: torch.Tensor, layout: MoRALayout, cos: torch.Tensor | None,
+                            sin: torch.Tensor | None) -> torch.Tensor:
+    """Block-diagonal ΔW of Eq. 8/9 over the used blocks, rows tiled, padded columns folded."""
+    r, n = layout.r_hat, layout.n_used_blocks
+    P = M.expand(n, r, r) if layout.operator == "decouple" else rotated_blocks(M, cos[:n], sin[:n])
+    diagonal = M.new_zeros(n * r, n * r)
+    # the (r̂, r̂, n) diagonal of the (n, r̂, n, r̂) view holds block i's P^i
+    diagonal.view(n, r, n, r).diagonal(dim1=0, dim2=2).copy_(P.permute(1, 2, 0))
+    rows = torch.arange(layout.out_features, device=M.device) % (layout.n_blocks * r)
+    return fold_padded_columns(diagonal[rows], layout.in_features, layout.padding)
