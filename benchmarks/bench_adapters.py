@@ -16,7 +16,10 @@ What is measured, for each weight shape k→d and LoRA-equivalent rank r (Sectio
    storages saved for backward (views of x count once; parameters and buffers are excluded as
    they live anyway) plus the output and gradient bytes. On CUDA also the real peak of one step.
 3. ΔW build time: ``MoRAAdapter.delta_weight()`` and peft's ``get_delta_weight`` against a plain
-   copy of W (``W.clone()``), the floor for any merge.
+   copy of W (``W.clone()``), the floor for any merge. On CPU both include the page faults of a
+   fresh d×k allocation, whose cost depends on the allocator's state (a 64 MB clone took 4 ms in
+   one run and 21 ms in another), so compare this ratio within one run; absolute medians are in
+   the JSON.
 
 It prints a table of ratios (MoRA/LoRA, MoRA/bare, LoRA/bare, memory, ΔW build/copy) beside
 the targets (sharing ≤ 1.02× LoRA step time, rotation ≤ 1.08×, ΔW build ≤ 5× copy, MoRA memory
@@ -30,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import random
 import statistics
@@ -89,7 +91,8 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per step (rows of x)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median is reported)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed rounds (median is reported); 3 keeps the CPU run under ~8 min")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
     parser.add_argument("--delta-repeats", type=int, default=7, help="timed rounds of ΔW builds")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
@@ -112,7 +115,7 @@ def resolve_settings(args: argparse.Namespace) -> dict:
     settings = dict(tokens=args.tokens, repeats=args.repeats, warmup=args.warmup,
                     delta_repeats=args.delta_repeats, device=device, dtype=args.dtype,
                     shapes=args.shapes or list(LLAMA2_7B_SHAPES), ranks=args.ranks or [8, 256],
-                    seed=args.seed, quick=args.quick)
+                    seed=args.seed, quick=args.quick, out=str(args.out))
     if args.quick:
         settings.update(tokens=256, repeats=3, delta_repeats=3, shapes=list(QUICK_SHAPES),
                         ranks=[8, 32])
@@ -257,7 +260,7 @@ def make_configs(modules: dict, settings: dict, k: int, d: int) -> dict[tuple, C
 
 
 def bench_shape(k: int, d: int, settings: dict, rng: random.Random, progress: tqdm) -> dict:
-    """Raw medians for one k→d shape: step times, memory and ΔW build times per config."""
+    """Raw per-round timings for one k→d shape: step times, memory and ΔW builds per config."""
     device, dtype = settings["device"], getattr(torch, settings["dtype"])
     base = nn.Linear(k, d, bias=False, device=device, dtype=dtype).requires_grad_(False)
     modules = build_modules(base, settings["ranks"])
@@ -283,10 +286,11 @@ def shape_entries(k: int, d: int, raw: dict, settings: dict) -> list[dict]:
             key = (None, "bare") if method == "bare" else (rank, method)
             module = raw["modules"][key]
             steps = raw["step_times"][key]
+            trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
             entry = dict(shape=f"{k}->{d}", in_features=k, out_features=d, rank=rank,
                          method=method, step_s=statistics.median(steps), step_s_all=steps,
-                         trainable_params=sum(p.numel() for p in module.parameters() if p.requires_grad),
-                         memory=raw["memory"][key], copy_s=statistics.median(raw["delta_times"][(None, "copy")]))
+                         trainable_params=trainable, memory=raw["memory"][key],
+                         copy_s=statistics.median(raw["delta_times"][(None, "copy")]))
             if method in OPERATORS:
                 entry["r_hat"] = module.mora.r_hat
             if method != "bare":
@@ -332,7 +336,7 @@ def targets_for(entry: dict) -> dict[str, dict]:
 
 # ----------------------------------------------------------------------------- report
 
-TABLE_COLUMNS = (("shape", 12), ("rank", 5), ("method", 9), ("r̂", 5), ("step ms", 9),
+TABLE_COLUMNS = (("shape", 12), ("rank", 5), ("method", 9), ("r_hat", 5), ("step ms", 9),
                  ("×LoRA", 6), ("target", 11), ("×bare", 6), ("mem×LoRA", 8), ("target", 11),
                  ("mem×bare", 8), ("ΔW/copy", 8), ("target", 11))
 
@@ -418,15 +422,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"device={env['device_name']} threads={env['num_threads']} torch={env['torch_version']} "
           f"dtype={settings['dtype']} tokens={settings['tokens']} repeats={settings['repeats']} "
           f"wall={result['wall_time_s']:.1f}s")
-    out = Path(settings_out(argv))
+    out = Path(settings["out"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, allow_nan=True))
     print(f"wrote {out}")
     return result
-
-
-def settings_out(argv: list[str] | None) -> Path:
-    return build_parser().parse_args(argv).out
 
 
 if __name__ == "__main__":

@@ -154,6 +154,34 @@ def block_groups(n_features: int, r_hat: int) -> torch.Tensor:
 
 def compress_cyclic(x: torch.Tensor, r_hat: int, padding: str) -> torch.Tensor:
     """(..., k) -> (..., r̂): c_i = Σ_{p ≡ i mod r̂} x̃_p over the padded length ⌈k/r̂⌉·r̂ (Eq. 6)."""
+    return _CompressCyclic.apply(x, r_hat, padding)
+
+
+class _CompressCyclic(torch.autograd.Function):
+    """compress_cyclic with a one-buffer backward: ∂x_j = ∂c_{j mod r̂} (+ the wrapped positions).
+
+    Autograd's own backward of the slices/cat/index_select builds a zero-filled (..., k) buffer
+    per piece and sums them; here the gradient is one tiled buffer, folded in place.
+    """
+
+    @staticmethod
+    def forward(ctx, x, r_hat, padding):
+        ctx.k, ctx.padding = x.shape[-1], padding
+        return _compress_cyclic(x, r_hat, padding)
+
+    @staticmethod
+    def backward(ctx, grad_c):
+        k, r_hat = ctx.k, grad_c.shape[-1]
+        n_positions = math.ceil(k / r_hat) * r_hat
+        grad_padded = grad_c.repeat(*([1] * (grad_c.dim() - 1)), n_positions // r_hat)
+        grad_x = grad_padded[..., :k]
+        if n_positions > k and ctx.padding == "wrap":
+            src = padded_sources(k, k, n_positions - k, "wrap").to(grad_c.device)
+            grad_x.index_add_(-1, src, grad_padded[..., k:])
+        return grad_x, None, None
+
+
+def _compress_cyclic(x: torch.Tensor, r_hat: int, padding: str) -> torch.Tensor:
     q, rem = divmod(x.shape[-1], r_hat)
     tail = padded_slice(x, q * r_hat, r_hat, padding) if rem else None
     if q == 0:
@@ -172,6 +200,54 @@ def compress_block(x: torch.Tensor, r_hat: int) -> torch.Tensor:
 
 
 def add_periodic(out: torch.Tensor, z: torch.Tensor, offset: int, period: int) -> torch.Tensor:
+    """In place: out[..., i] += ẑ[(i mod period) − offset]; see :func:`_add_periodic`.
+
+    Wrapped in an autograd.Function: autograd's own backward of in-place adds into views of
+    ``out`` (CopySlices) clones the whole output gradient for every add; here ∂out passes
+    through untouched and ∂z is a sum of strided views of it.
+    """
+    if not (torch.is_grad_enabled() and (out.requires_grad or z.requires_grad)):
+        return _add_periodic(out, z, offset, period)
+    return _AddPeriodic.apply(out, z, offset, period)
+
+
+class _AddPeriodic(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out, z, offset, period):
+        ctx.mark_dirty(out)
+        ctx.z_shape, ctx.offset, ctx.period = z.shape, offset, period
+        return _add_periodic(out, z, offset, period)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if not ctx.needs_input_grad[1]:
+            return grad_out, None, None, None
+        return grad_out, _sum_periodic(grad_out, ctx.z_shape, ctx.offset, ctx.period), None, None
+
+
+def _sum_periodic(grad_out: torch.Tensor, z_shape: torch.Size, offset: int, period: int) -> torch.Tensor:
+    """Adjoint of _add_periodic: ∂z = Σ over the tiles of ∂out that z was added into."""
+    d = grad_out.shape[-1]
+    n_blocks, block = z_shape[-2:]
+    span = n_blocks * block
+    n_full, rem = divmod(d, period)
+    lead = grad_out.shape[:-1]
+    grad_z = grad_out.new_zeros(*lead, n_blocks, block)
+    if n_full:
+        tiles = grad_out[..., :n_full * period].unflatten(-1, (n_full, period))
+        grad_z += tiles[..., offset:offset + span].unflatten(-1, (n_blocks, block)).sum(-3)
+    width = min(span, rem - offset)
+    if width > 0:
+        start = n_full * period + offset
+        whole, part = divmod(width, block)
+        if whole:
+            grad_z[..., :whole, :] += grad_out[..., start:start + whole * block].unflatten(-1, (whole, block))
+        if part:
+            grad_z[..., whole, :part] += grad_out[..., start + whole * block:start + width]
+    return grad_z.sum_to_size(z_shape)
+
+
+def _add_periodic(out: torch.Tensor, z: torch.Tensor, offset: int, period: int) -> torch.Tensor:
     """In place: out[..., i] += ẑ[(i mod period) − offset] where ẑ = z flattened over blocks.
 
     ``z`` is (..., n_blocks, block) and may be a strided view (no copy is made). With
@@ -263,24 +339,26 @@ def _add_blockwise(out: torch.Tensor, x: torch.Tensor, P: torch.Tensor, layout: 
 
     ``P`` is M (decouple) or the stack of M R_i (rotate). Full blocks are read as a view of x;
     only a partial last block is padded (an r̂-wide copy), so nothing input-sized is copied.
+    ``out`` keeps its shape: adding into a reshaped view of it would make autograd clone ∂out.
     """
     r, k = layout.r_hat, layout.in_features
     lead = x.shape[:-1]
-    x2, out2 = x.reshape(-1, k), out.view(-1, layout.out_features)      # (T, k), (T, d)
+    x2 = x.reshape(-1, k)                                               # (T, k)
     period = layout.n_blocks * r
     n_full = min(k // r, layout.n_used_blocks)
     if n_full:
         blocks = x2[:, :n_full * r].unflatten(-1, (n_full, r))        # (T, n_full, r̂) view
-        if P.dim() == 2:
-            z = blocks @ P.T                                          # (T, n_full, r̂)
-        else:  # one batched matmul over blocks; z is a (T, n_full, r̂) view of (n_full, T, r̂)
-            z = torch.bmm(blocks.transpose(0, 1), P[:n_full].transpose(1, 2)).transpose(0, 1)
-        add_periodic(out2, z.to(out.dtype), 0, period)
+        if P.dim() == 2 and n_full * r == k:
+            z = blocks @ P.T                                          # one GEMM over T·n rows
+        else:  # batched over blocks, reading the strided view in place (no copy of x)
+            P_blocks = P.expand(n_full, r, r) if P.dim() == 2 else P[:n_full]
+            z = torch.bmm(blocks.transpose(0, 1), P_blocks.transpose(1, 2)).transpose(0, 1)
+        add_periodic(out, z.view(*lead, n_full, r).to(out.dtype), 0, period)   # (..., n_full, r̂)
     if layout.n_used_blocks > n_full:  # the padded last block reaches the output
-        tail = padded_slice(x2, n_full * r, r, layout.padding)        # (T, r̂)
+        tail = padded_slice(x, n_full * r, r, layout.padding)         # (..., r̂)
         P_last = P if P.dim() == 2 else P[n_full]
-        add_periodic(out2, (tail @ P_last.T).unsqueeze(-2).to(out.dtype), n_full * r, period)
-    return out2.view(*lead, layout.out_features)
+        add_periodic(out, (tail @ P_last.T).unsqueeze(-2).to(out.dtype), n_full * r, period)
+    return out
 
 
 def mora_delta_weight(M: torch.Tensor, layout: MoRALayout, cos: torch.Tensor | None = None,
@@ -296,9 +374,27 @@ def mora_delta_weight(M: torch.Tensor, layout: MoRALayout, cos: torch.Tensor | N
         rows = M[_output_groups(layout).to(M.device)]                     # (d, r̂)
         if layout.compress_groups == "block":
             return rows[:, block_groups(k, r).to(M.device)]
-        n_positions = layout.n_blocks * r
-        return fold_padded_columns(rows[:, torch.arange(n_positions, device=M.device) % r], k, layout.padding)
+        return tile_columns(rows, k, layout.padding)
     return _blockwise_delta_weight(M, layout, cos, sin)
+
+
+def tile_columns(rows: torch.Tensor, k: int, padding: str) -> torch.Tensor:
+    """(d, r̂) -> (d, k): column j is rows[:, j mod r̂], plus the wrapped padded columns folded in.
+
+    Equals fold_padded_columns(rows[:, arange(⌈k/r̂⌉·r̂) % r̂]) with one broadcast copy instead of
+    a padded gather and a second copy.
+    """
+    d, r = rows.shape
+    q, rem = divmod(k, r)
+    delta = rows.new_empty(d, k)
+    if q:
+        delta[:, :q * r].view(d, q, r).copy_(rows.unsqueeze(1))
+    if rem:
+        delta[:, q * r:].copy_(rows[:, :rem])
+        if padding == "wrap":  # padded positions q·r̂+rem … read feature p mod k, group p mod r̂
+            src = padded_sources(k, k, r - rem, padding).to(rows.device)
+            delta.index_add_(1, src, rows[:, rem:])
+    return delta
 
 
 def _output_groups(layout: MoRALayout) -> torch.Tensor:

@@ -9,7 +9,7 @@ from torch import nn
 
 from mora.budget import lora_parameter_count, mora_r_hat
 from mora.layer import MoRAAdapter, MoRALinear
-from mora.operators import OFFICIAL_MORA_TYPES, OPERATORS
+from mora.operators import OFFICIAL_MORA_TYPES, OPERATORS, add_mora_update
 from tests.reference import reference_delta_weight, reference_forward_batch
 
 SHARE_GROUPS = list(itertools.product(("cyclic", "block"), repeat=2))
@@ -208,3 +208,32 @@ def test_bad_sizes_are_rejected():
 def test_official_type_codes_cover_the_named_axes():
     assert set(OFFICIAL_MORA_TYPES.values()) == {
         ("share", cg, dg) for cg, dg in SHARE_GROUPS} | {("rotate", "cyclic", "cyclic")}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: "-".join(l))
+@pytest.mark.parametrize("k,d,r_hat", [(37, 53, 8), (64, 24, 8), (3, 40, 8)])
+def test_gradients_of_x_M_and_W_are_exact(k, d, r_hat, layout):
+    """gradcheck through the custom backward passes (compress, in-place adds into the base output)."""
+    adapter = random_adapter(k, d, r_hat, layout)
+    base = nn.Linear(k, d).double()
+    layer = MoRALinear(base, adapter)
+    x = torch.randn(2, 3, k, dtype=torch.float64, requires_grad=True)
+
+    def f(x, M, W):
+        with torch.no_grad():
+            adapter.M.copy_(M)
+            base.weight.copy_(W)
+        out = nn.functional.linear(x, W, base.bias)
+        return add_mora_update(out, x, M, adapter.layout, adapter.cos, adapter.sin)
+
+    M = adapter.M.detach().clone().requires_grad_(True)
+    W = base.weight.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(f, (x, M, W), eps=1e-6, atol=1e-6)
+    torch.testing.assert_close(f(x, M, W), layer(x))
+
+
+@pytest.mark.parametrize("operator", OPERATORS)
+def test_unbatched_and_batched_inputs_agree(operator):
+    adapter = random_adapter(37, 53, 8, (operator, "cyclic", "cyclic", "wrap"))
+    x = torch.randn(2, 4, 37, dtype=torch.float64)
+    torch.testing.assert_close(adapter(x[1, 2]), adapter(x)[1, 2])
