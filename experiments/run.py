@@ -1,0 +1,93 @@
+"""The one entry point: ``python experiments/run.py method=mora rank=256 task=uuid``.
+
+Composes the Hydra config (conf/), validates it into typed objects before any expensive work,
+builds the model, injects the method's adapters, trains, evaluates, and writes one run folder
+(config, metrics.jsonl, summary.json, environment.json, checkpoint). Paper scale:
+``scale=paper`` (GPUs + hub access), multi-GPU with ``accelerate launch experiments/run.py ...``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python experiments/run.py` from a checkout
+
+from experiments.models import load_model  # noqa: E402
+from experiments.records import RunRecord  # noqa: E402
+from experiments.schema import RunConfig, build_run_config  # noqa: E402
+from experiments.trackers import make_tracker  # noqa: E402
+from experiments.training import DivergedError, train  # noqa: E402
+from experiments.uuid_task import UUIDTask  # noqa: E402
+from mora.adapters import adapter_summary, inject_adapters, trainable_parameter_count  # noqa: E402
+
+# config keys that may change between a run and its resumption
+RESUMABLE_KEYS = ("resume", "logger", "device")
+
+
+def describe_adapters(model, run: RunConfig) -> str:
+    """One line per distinct module shape: r (LoRA) or r̂ (MoRA) and parameters, plus the total."""
+    seen = {}
+    for row in adapter_summary(model):
+        key = (row["name"].rsplit(".", 1)[-1], row["in_features"], row["out_features"])
+        seen.setdefault(key, row)
+    lines = [f"rank mapping: {run.rank.describe()}"]
+    for (leaf, k, d), row in seen.items():
+        shape = f"r̂={row['r_hat']}" if row["kind"] == "mora" else f"r={row['r']}"
+        lines.append(f"  {leaf:>10} {k}->{d}: {shape}, {row['params']:,} params")
+    lines.append(f"trainable parameters: {trainable_parameter_count(model):,}")
+    return "\n".join(lines)
+
+
+def execute(cfg: DictConfig) -> dict:
+    """Run one configured experiment; returns its summary."""
+    run = build_run_config(cfg, torch.cuda.is_available())
+    torch.manual_seed(run.seed)
+    model, tokenizer = load_model(run.model, run.data_root, run.train.dtype)
+    inject_adapters(model, run.adapter)
+    print(describe_adapters(model, run))
+    config = OmegaConf.to_container(cfg, resolve=True) | {"resolved": {
+        "lr": run.lr, "out_dir": str(run.out_dir), "effective_rank": run.rank.rank,
+        "rank_representable": run.rank.representable, "rank_mapping": run.rank.describe()}}
+    record = RunRecord.create(run.out_dir, config, resume=run.resume, ignore_on_resume=RESUMABLE_KEYS)
+    tracker = make_tracker(run.logger.get("kind", "none"), **_tracker_kwargs(run, config))
+    task = UUIDTask(run.task, tokenizer, run.train.batch_size, run.seed)
+    start, status = time.time(), "completed"
+    try:
+        final = train(model, task, run.adapter, run.train, run.lr, record, tracker, device=run.device,
+                      resume=run.resume, merge_every=run.merge_every,
+                      switch_groups=run.switch_groups)
+    except DivergedError as err:
+        final, status = {"error": str(err)}, "diverged"
+    finally:
+        tracker.finish()
+    summary = {"status": status, "final": final, "train_seconds": time.time() - start,
+               "trainable_parameters": trainable_parameter_count(model)}
+    record.write_summary(summary)
+    print(f"[{status}] {run.out_dir} :: " + ", ".join(f"{k}={v:.4g}" for k, v in final.items()
+                                                       if isinstance(v, float)))
+    return summary
+
+
+def _tracker_kwargs(run: RunConfig, config: dict) -> dict:
+    if run.logger.get("kind") != "wandb":
+        return {}
+    return {"project": run.logger.get("project", "mora-repro"), "run_name": str(run.out_dir),
+            "config": config, "mode": run.logger.get("mode", "offline"), "dir": str(run.out_dir),
+            "group": run.logger.get("group")}
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    summary = execute(cfg)
+    if summary["status"] != "completed":
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""The composed Hydra config, turned into typed, validated objects before any work starts.
+
+Hydra stops here: everything downstream receives these dataclasses. Each check names the field
+and the allowed values, so a typo fails in milliseconds instead of after a model download.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from mora.adapters import AdapterConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCALES = ("mini", "paper")
+MODEL_SOURCES = ("llama2c", "hub", "config")
+DEVICES = ("auto", "cpu", "cuda")
+SCHEDULERS = ("linear", "cosine", "constant")
+DTYPES = ("float32", "bfloat16")
+LOGGERS = ("none", "wandb")
+TASKS = ("uuid",)
+
+
+def _choice(field: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{field} must be one of {tuple(allowed)}, got {field}={value!r}")
+
+
+def _positive(field: str, value, allow_zero: bool = False) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ValueError(f"{field} must be a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: str
+    hidden_size: int
+    requires_gpu: bool = False
+    path: str | None = None          # llama2c: checkpoint, relative to data_root
+    tokenizer: str | None = None     # llama2c: SentencePiece model, relative to data_root
+    hub_id: str | None = None        # hub: Hugging Face id
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    max_steps: int
+    batch_size: int
+    grad_accum: int
+    warmup_steps: int
+    scheduler: str
+    weight_decay: float
+    grad_clip: float | None
+    log_every: int
+    ckpt_every: int
+    eval_steps: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class UUIDTaskSpec:
+    name: str
+    n_pairs: int
+    pair_seed: int
+    separator: str
+    eval_pairs: int | None
+    eval_batch_size: int
+
+
+@dataclass(frozen=True)
+class RankMapping:
+    """The paper's rank and what it becomes on this model's width (ratio r/d kept)."""
+
+    paper_rank: int
+    rank: int
+    width: int
+    reference_width: int | None
+    representable: bool
+
+    def describe(self) -> str:
+        if self.reference_width is None or self.reference_width == self.width:
+            return f"rank {self.paper_rank} used as is (width {self.width})"
+        paper_ratio = self.paper_rank / self.reference_width
+        text = (f"paper rank {self.paper_rank} on width {self.reference_width} (r/d = 1/{1 / paper_ratio:g}) "
+                f"-> rank {self.rank} on width {self.width} (r/d = 1/{self.width / self.rank:g})")
+        if not self.representable:
+            text += ("; NOT REPRESENTABLE at this width: rank 1 is the smallest, so this run has a "
+                     f"{paper_ratio ** -1 * self.rank / self.width:g}x larger r/d than the paper")
+        return text
+
+
+def map_rank(paper_rank: int, width: int, reference_width: int | None) -> RankMapping:
+    """Scale ``paper_rank`` by width / reference_width so that r/d (hence MoRA's r̂/d = √(2r/d)) stays."""
+    _positive("rank", paper_rank)
+    if reference_width is None:
+        return RankMapping(paper_rank, paper_rank, width, None, True)
+    exact = paper_rank * width / reference_width
+    rank = max(1, round(exact))
+    return RankMapping(paper_rank, rank, width, reference_width, representable=exact >= 0.5)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int
+    scale: str
+    rank: RankMapping
+    lr: float
+    resume: bool
+    device: str
+    out_dir: Path
+    data_root: Path
+    model: ModelSpec
+    adapter: AdapterConfig
+    merge_every: int | None
+    switch_groups: bool
+    task: UUIDTaskSpec
+    train: TrainSpec
+    logger: dict
+
+
+def _model_spec(cfg: DictConfig) -> ModelSpec:
+    m = OmegaConf.to_container(cfg.model, resolve=True)
+    _choice("model.source", m.get("source"), MODEL_SOURCES)
+    needed = {"llama2c": ("path", "tokenizer"), "hub": ("hub_id",), "config": ()}[m["source"]]
+    for key in needed:
+        if not m.get(key):
+            raise ValueError(f"model.{key} is required for model.source={m['source']!r} (model={m.get('name')})")
+    _positive("model.hidden_size", m.get("hidden_size"))
+    return ModelSpec(**{k: m.get(k) for k in ModelSpec.__dataclass_fields__ if k in m})
+
+
+def _train_spec(cfg: DictConfig) -> TrainSpec:
+    t = OmegaConf.to_container(cfg.train, resolve=True)
+    for key in ("max_steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
+        _positive(f"train.{key}", t[key])
+    _positive("train.warmup_steps", t["warmup_steps"], allow_zero=True)
+    _choice("train.scheduler", t["scheduler"], SCHEDULERS)
+    _choice("train.dtype", t["dtype"], DTYPES)
+    steps = tuple(int(s) for s in t["eval_steps"])
+    if any(s <= 0 or s > t["max_steps"] for s in steps):
+        raise ValueError(f"train.eval_steps must lie in [1, train.max_steps={t['max_steps']}], got {list(steps)}")
+    return TrainSpec(**{**t, "eval_steps": steps, "weight_decay": float(t["weight_decay"])})
+
+
+def _task_spec(cfg: DictConfig) -> UUIDTaskSpec:
+    t = OmegaConf.to_container(cfg.task, resolve=True)
+    _choice("task", t.get("name"), TASKS)
+    _positive("task.n_pairs", t["n_pairs"])
+    if t.get("eval_pairs") is not None:
+        _positive("task.eval_pairs", t["eval_pairs"])
+    return UUIDTaskSpec(**t)
+
+
+def _adapter_config(cfg: DictConfig, rank: int) -> AdapterConfig:
+    m = OmegaConf.to_container(cfg.method, resolve=True)
+    fields = set(AdapterConfig.__dataclass_fields__) - {"method", "rank", "extra"}
+    known = fields | {"name", "merge_every", "switch_groups"}
+    unknown = sorted(set(m) - known)
+    if unknown:
+        raise ValueError(f"method has unknown fields {unknown}; allowed: {sorted(known)}")
+    return AdapterConfig(method=m["name"], rank=rank, **{k: v for k, v in m.items() if k in fields})
+
+
+def _learning_rate(cfg: DictConfig, method: str) -> float:
+    if cfg.lr is not None:
+        lr = float(cfg.lr)
+    else:
+        table = cfg.get("lr_by_method") or {}
+        if method not in table:
+            raise ValueError(f"lr is null and the preset has no lr_by_method entry for method={method!r}; "
+                             f"set lr=<value> (entries: {sorted(table)})")
+        lr = float(table[method])
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got lr={lr}")
+    return lr
+
+
+def default_run_name(cfg: DictConfig, adapter: AdapterConfig, lr: float) -> str:
+    """<task>/<scale>/<method>[-<operator>]-r<paper rank>-lr<lr>-s<seed>: one folder per run."""
+    method = adapter.method + (f"-{adapter.operator}" if adapter.layer_kind == "mora" else "")
+    rank = "" if adapter.layer_kind is None else f"-r{cfg.rank}"
+    return f"{cfg.task.name}/{cfg.scale.name}/{method}{rank}-lr{lr:g}-s{cfg.seed}"
+
+
+def build_run_config(cfg: DictConfig, cuda_available: bool) -> RunConfig:
+    """Validate the composed config; raises ValueError naming the offending field."""
+    _choice("scale", cfg.scale.name, SCALES)
+    _choice("device", cfg.device, DEVICES)
+    _choice("logger", cfg.logger.kind, LOGGERS)
+    _positive("seed", cfg.seed, allow_zero=True)
+    model = _model_spec(cfg)
+    device = ("cuda" if cuda_available else "cpu") if cfg.device == "auto" else cfg.device
+    if device == "cuda" and not cuda_available:
+        raise ValueError("device=cuda but no CUDA device is visible; use device=cpu or auto")
+    if model.requires_gpu and device != "cuda":
+        raise ValueError(f"model={model.name} is a paper-scale model (model.requires_gpu=true) and needs a GPU; "
+                         "use scale=mini on a CPU machine")
+    rank = map_rank(cfg.rank, model.hidden_size, cfg.rank_mapping.reference_width)
+    adapter = _adapter_config(cfg, rank.rank)
+    merge_every = cfg.method.get("merge_every")
+    if merge_every is not None:
+        _positive("method.merge_every", merge_every)
+    data_root = Path(cfg.data_root) if cfg.data_root else REPO_ROOT.parent / "shared" / "data"
+    lr = _learning_rate(cfg, adapter.method)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.out_root) / default_run_name(cfg, adapter, lr)
+    return RunConfig(seed=cfg.seed, scale=cfg.scale.name, rank=rank, lr=lr,
+                     resume=bool(cfg.resume), device=device, out_dir=out_dir, data_root=data_root,
+                     model=model, adapter=adapter, merge_every=merge_every,
+                     switch_groups=bool(cfg.method.get("switch_groups", False)), task=_task_spec(cfg),
+                     train=_train_spec(cfg), logger=OmegaConf.to_container(cfg.logger, resolve=True))
