@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test test-fast bench rank-table clean
+.PHONY: install test test-fast bench rank-table fig2 fig3 table2 uuid clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,31 @@ bench: $(STAMP)
 ## per-module r̂ of MoRA at LLaMA-2-7B shapes (the README table)
 rank-table: $(STAMP)
 	$(PY) -m mora.rank_table
+
+# ---- UUID memorisation (Section 3, Section 5.1), mini scale: ~1 min per run on 2 CPU cores.
+# Runs already completed are skipped, so the three targets share their runs.
+RUN    := $(PY) experiments/run.py -m experiment=uuid_memory
+SEEDS  ?= 0,1,2
+REPORT := $(PY) -m analysis uuid --runs results/runs --out reports/uuid
+
+## Fig. 2: FFT and LoRA at several ranks (mini: paper ranks 8, 128, 256 -> 1, 2, 4)
+fig2: $(STAMP)
+	$(RUN) method=fft seed=$(SEEDS)
+	$(RUN) method=lora rank=8,128,256 seed=$(SEEDS)
+	$(REPORT)
+
+## Fig. 3: LoRA vs MoRA at ranks 8 and 256
+fig3: $(STAMP)
+	$(RUN) method=lora,mora rank=8,256 seed=$(SEEDS)
+	$(REPORT)
+
+## Table 2: character accuracy over steps, FFT / LoRA / MoRA at ranks 8 and 256
+table2: $(STAMP)
+	$(RUN) method=fft seed=$(SEEDS)
+	$(RUN) method=lora,mora rank=8,256 seed=$(SEEDS)
+	$(REPORT)
+
+uuid: fig2 fig3 table2
 
 clean:
 	rm -rf $(VENV) .pytest_cache results/bench

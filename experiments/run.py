@@ -8,6 +8,7 @@ builds the model, injects the method's adapters, trains, evaluates, and writes o
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from experiments.uuid_task import UUIDTask  # noqa: E402
 from mora.adapters import adapter_summary, inject_adapters, trainable_parameter_count  # noqa: E402
 
 # config keys that may change between a run and its resumption
-RESUMABLE_KEYS = ("resume", "logger", "device")
+RESUMABLE_KEYS = ("resume", "logger", "device", "skip_completed")
 
 
 def describe_adapters(model, run: RunConfig) -> str:
@@ -47,6 +48,10 @@ def describe_adapters(model, run: RunConfig) -> str:
 def execute(cfg: DictConfig) -> dict:
     """Run one configured experiment; returns its summary."""
     run = build_run_config(cfg, torch.cuda.is_available())
+    previous = run.out_dir / "summary.json"
+    if cfg.get("skip_completed") and previous.exists() and json.loads(previous.read_text()).get("status") == "completed":
+        print(f"[skipped] {run.out_dir} is already complete (skip_completed=true)")
+        return json.loads(previous.read_text())
     torch.manual_seed(run.seed)
     model, tokenizer = load_model(run.model, run.data_root, run.train.dtype)
     inject_adapters(model, run.adapter)

@@ -149,6 +149,7 @@ def _task_spec(cfg: DictConfig) -> UUIDTaskSpec:
     t = OmegaConf.to_container(cfg.task, resolve=True)
     _choice("task", t.get("name"), TASKS)
     _positive("task.n_pairs", t["n_pairs"])
+    _positive("task.eval_batch_size", t["eval_batch_size"])
     if t.get("eval_pairs") is not None:
         _positive("task.eval_pairs", t["eval_pairs"])
     return UUIDTaskSpec(**t)
@@ -206,8 +207,11 @@ def build_run_config(cfg: DictConfig, cuda_available: bool) -> RunConfig:
     data_root = Path(cfg.data_root) if cfg.data_root else REPO_ROOT.parent / "shared" / "data"
     lr = _learning_rate(cfg, adapter.method)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.out_root) / default_run_name(cfg, adapter, lr)
+    train, task = _train_spec(cfg), _task_spec(cfg)
+    if train.batch_size > task.n_pairs:
+        raise ValueError(f"train.batch_size={train.batch_size} exceeds task.n_pairs={task.n_pairs}")
     return RunConfig(seed=cfg.seed, scale=cfg.scale.name, rank=rank, lr=lr,
                      resume=bool(cfg.resume), device=device, out_dir=out_dir, data_root=data_root,
                      model=model, adapter=adapter, merge_every=merge_every,
-                     switch_groups=bool(cfg.method.get("switch_groups", False)), task=_task_spec(cfg),
-                     train=_train_spec(cfg), logger=OmegaConf.to_container(cfg.logger, resolve=True))
+                     switch_groups=bool(cfg.method.get("switch_groups", False)), task=task,
+                     train=train, logger=OmegaConf.to_container(cfg.logger, resolve=True))

@@ -22,7 +22,7 @@ from transformers import get_scheduler
 from mora.adapters import (AdapterConfig, adapter_layers, adapter_state_dict, build_optimizer,
                            load_adapter_state_dict, merge_and_reinit, mora_layers)
 
-from .records import RunRecord, atomic_torch_save
+from .records import RunRecord, atomic_torch_save, read_run
 from .schema import TrainSpec
 
 CHECKPOINT = "checkpoint.pt"
@@ -91,14 +91,15 @@ def train(model, task, adapter: AdapterConfig, train_spec: TrainSpec, lr: float,
                               num_warmup_steps=train_spec.warmup_steps, num_training_steps=train_spec.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     ckpt_path = record.dir / CHECKPOINT
-    state = LoopState()
+    state, final = LoopState(), {}
     if resume and ckpt_path.exists():
         state = _load_checkpoint(ckpt_path, accelerator.unwrap_model(model), optimizer, scheduler)
         record.truncate_after(state.step)
+        for row in read_run(record.dir)["metrics"]:  # what the loop had gathered (all, if it had finished)
+            final |= {k: v for k, v in row.items() if k not in ("step", "time")}
         accelerator.print(f"resumed from {ckpt_path} at step {state.step}")
     model.train()
     bar = tqdm(total=train_spec.max_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process)
-    final = {}
     while state.step < train_spec.max_steps:
         loss = _optimizer_step(model, task, accelerator, optimizer, scheduler, train_spec, state)
         state.step += 1

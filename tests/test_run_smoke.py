@@ -1,0 +1,216 @@
+"""The entry point end to end on stories260K (CPU, offline): a 3-step run of every method and MoRA
+operator, a run killed by SIGKILL and resumed that matches an uninterrupted one bit for bit, a
+NaN that stops the run with the last good checkpoint kept, and resumes that must be refused or
+must leave a finished run as it was.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import experiments.run as run_module
+from experiments.records import find_runs, read_run
+from experiments.run import execute
+from experiments.training import CHECKPOINT, _adapter_parameters
+from experiments.uuid_task import UUIDTask
+from tests.test_configs import EXPERIMENTS, METHODS, REPO, compose
+
+TINY = ["train.max_steps=3", "train.batch_size=4", "task.n_pairs=8", "task.eval_pairs=4", "train.eval_steps=[3]",
+        "train.log_every=1", "train.ckpt_every=3", "device=cpu"]
+MORA_OPERATORS = ("truncate", "share", "decouple", "rotate")
+RUNS = [[f"method={m}"] + (["method.merge_every=2"] if m in ("relora", "remora") else [])
+        for m in METHODS if m != "mora"] + [["method=mora", f"method.operator={op}"] for op in MORA_OPERATORS]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: tiny matmuls gain nothing from more, and a busy shared machine makes
+    spinning OpenMP workers many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock ``time`` field."""
+    return [{k: v for k, v in row.items() if k != "time"} for row in read_run(run_dir)["metrics"]]
+
+
+def three_step_run(tmp_path: Path, *overrides: str) -> dict:
+    """Run TINY with ``overrides`` into ``tmp_path``; check the run folder; return :func:`read_run`'s."""
+    summary = execute(compose(*overrides, *TINY, f"out_root={tmp_path}"))
+    assert summary["status"] == "completed", summary
+    [run] = find_runs(tmp_path)
+    assert run["dir"].parent == tmp_path / "uuid" / "mini"
+    assert [m["step"] for m in run["metrics"]] == [1, 2, 3]
+    assert all(math.isfinite(m["loss"]) for m in run["metrics"])
+    assert run["summary"]["final"]["eval/char_accuracy"] == run["metrics"][-1]["eval/char_accuracy"]
+    assert 0 <= run["summary"]["final"]["eval/char_accuracy"] <= 100
+    assert run["environment"]["versions"]["torch"] == torch.__version__
+    assert (run["dir"] / "config.yaml").is_file() and (run["dir"] / "environment.json").is_file()
+    ckpt = torch.load(run["dir"] / CHECKPOINT, map_location="cpu", weights_only=False)
+    assert ckpt["loop"]["step"] == 3 and ckpt["weights"]
+    assert all(torch.isfinite(t).all() for t in ckpt["weights"].values())
+    return run
+
+
+@pytest.mark.parametrize("overrides", RUNS, ids=[" ".join(o) for o in RUNS])
+def test_three_step_run(overrides, tmp_path):
+    run = three_step_run(tmp_path, *overrides)
+    asked = dict(o.split("=") for o in overrides)
+    assert run["config"]["method"]["name"] == asked["method"]
+    assert run["config"]["method"].get("operator") == asked.get("method.operator", run["config"]["method"].get("operator"))
+    ckpt = torch.load(run["dir"] / CHECKPOINT, map_location="cpu", weights_only=False)
+    if "method.merge_every" in asked:  # the restart at step 2 merged ΔW into W (and ReMoRA switched groups)
+        assert ckpt["base_modified"]
+        assert all(groups == ("block", "block") for groups in ckpt["mora_groups"].values())
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_three_step_run_of_experiment(experiment, tmp_path):
+    three_step_run(tmp_path, f"experiment={experiment}")
+
+
+# ------------------------------------------------------------------ resume after SIGKILL
+
+# ReMoRA with restarts at 6, 12, 18 and checkpoints at 8, 16, 20. The child is killed once line 9
+# is logged, i.e. after the step-8 checkpoint (step 16's if the poll is slow): resuming must restore
+# the switched sharing groups and merged base weights of the restart before it, and redo the steps
+# logged past the checkpoint. 20 steps and an eval at 10 leave >1 s to kill it before it finishes.
+RESUME_RUN = ["method=remora", "method.merge_every=6", "train.max_steps=20", "train.ckpt_every=8",
+              "train.log_every=1", "task.n_pairs=16", "train.batch_size=4", "task.eval_pairs=4",
+              "train.eval_steps=[10,20]", "device=cpu"]
+KILL_AFTER_LINES = 9  # line 9 is written after the step-8 checkpoint
+
+
+@pytest.fixture
+def launch():
+    """Start ``python experiments/run.py`` in a child (output to ``<out_dir>.log``); children still
+    running when the test ends (a failure) are killed."""
+    children = []
+
+    def start(out_dir: Path, *extra: str) -> subprocess.Popen:
+        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+        with open(f"{out_dir}.log", "a") as log:
+            children.append(subprocess.Popen([sys.executable, str(REPO / "experiments" / "run.py"), *RESUME_RUN,
+                                              f"out_dir={out_dir}", *extra], cwd=REPO, env=env, stdout=log, stderr=log))
+        return children[-1]
+
+    yield start
+    for child in children:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def log_tail(out_dir: Path) -> str:
+    return Path(f"{out_dir}.log").read_text()[-3000:]
+
+
+def logged_lines(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def finish(proc: subprocess.Popen, out_dir: Path) -> None:
+    assert proc.wait(timeout=120) == 0, log_tail(out_dir)
+
+
+def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path, launch):
+    killed, whole = tmp_path / "A", tmp_path / "B"
+    uninterrupted = launch(whole)  # runs alongside the one we kill
+    victim = launch(killed)
+    deadline = time.monotonic() + 120
+    while not ((killed / CHECKPOINT).exists() and logged_lines(killed) >= KILL_AFTER_LINES):
+        assert victim.poll() is None, f"it ended before it could be killed:\n{log_tail(killed)}"
+        assert time.monotonic() < deadline, "the run never reached its first checkpoint"
+        time.sleep(0.005)
+    os.kill(victim.pid, signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL
+    assert not (killed / "summary.json").exists()  # it died mid-way, not after finishing
+    at_kill = [m["step"] for m in read_run(killed)["metrics"]]
+    ckpt_step = torch.load(killed / CHECKPOINT, map_location="cpu", weights_only=False)["loop"]["step"]
+    assert ckpt_step in (8, 16) and at_kill[-1] > ckpt_step, at_kill  # logged steps past it get redone
+
+    finish(launch(killed, "resume=true"), killed)
+    finish(uninterrupted, whole)
+
+    a, b = read_run(killed), read_run(whole)
+    assert [m["step"] for m in a["metrics"]] == list(range(1, 21))
+    assert metric_rows(killed) == metric_rows(whole)  # exact float equality: loss, lr, eval/*
+    assert a["summary"]["status"] == b["summary"]["status"] == "completed"
+    assert a["summary"]["final"] == b["summary"]["final"]
+    assert len(a["environment"]["resumes"]) == 1 and "resumes" not in b["environment"]
+    weights_a, weights_b = (torch.load(d / CHECKPOINT, map_location="cpu", weights_only=False)["weights"]
+                            for d in (killed, whole))
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+# ------------------------------------------------------------------ divergence and bad resumes
+
+
+class PoisonAtStep:
+    """Wraps the UUID task: fetching the batch of 0-based step ``step`` first writes NaN into every
+    adapter parameter (MoRA's M), as an exploding update would."""
+
+    def __init__(self, step: int, model_box: list):
+        self.step, self.model_box = step, model_box
+
+    def task(self, *args, **kwargs):
+        task = UUIDTask(*args, **kwargs)
+        batch = task.batch
+
+        def poisoned(step, *rest):
+            if step == self.step:
+                with torch.no_grad():
+                    for param in _adapter_parameters(self.model_box[0]):
+                        param.fill_(float("nan"))
+            return batch(step, *rest)
+
+        task.batch = poisoned
+        return task
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    model_box = []
+    inject = run_module.inject_adapters
+    monkeypatch.setattr(run_module, "inject_adapters", lambda model, cfg: (model_box.append(model), inject(model, cfg)))
+    monkeypatch.setattr(run_module, "UUIDTask", PoisonAtStep(1, model_box).task)  # the 2nd optimizer step
+    out = tmp_path / "run"
+    summary = execute(compose(*TINY, "train.ckpt_every=1", f"out_dir={out}"))
+
+    assert summary["status"] == "diverged"
+    assert "at step 2" in summary["final"]["error"] and "nan" in summary["final"]["error"]
+    saved = read_run(out)
+    assert saved["summary"]["status"] == "diverged" and saved["summary"]["final"] == summary["final"]
+    assert [m["step"] for m in saved["metrics"]] == [1]
+    ckpt = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)
+    assert ckpt["loop"]["step"] == 1
+    assert all(torch.isfinite(t).all() for t in ckpt["weights"].values())
+
+
+def test_resume_with_a_changed_config_is_refused(tmp_path):
+    out = tmp_path / "run"
+    first = [*TINY, "train.max_steps=1", "train.eval_steps=[]", "train.ckpt_every=1", f"out_dir={out}"]
+    done = execute(compose(*first))
+    assert done["status"] == "completed"
+    saved = (out / "config.yaml").read_text()
+    with pytest.raises(ValueError, match=r"cannot resume .*lr: 0\.01 -> 0\.02"):
+        execute(compose(*first, "resume=true", "lr=0.02"))
+    assert (out / "config.yaml").read_text() == saved and (out / "summary.json").exists()
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        execute(compose(*first))  # a fresh start never overwrites a run either
+    again = execute(compose(*first, "resume=true"))  # resuming a finished run keeps its results
+    assert again["status"] == "completed" and again["final"] == done["final"]
+    assert read_run(out)["summary"]["final"]["eval/char_accuracy"] == done["final"]["eval/char_accuracy"]
