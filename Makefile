@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test test-fast bench rank-table fig2 fig3 table2 uuid clean
+.PHONY: install test test-fast bench rank-table fig2 fig3 table2 uuid fig4 table3 fig5 pretrain clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,16 @@ table2: $(STAMP)
 	$(REPORT)
 
 uuid: fig2 fig3 table2
+
+# ---- C4 pretraining from scratch (Section 5.3, Appendix B), mini scale. The three targets share
+# their runs (completed runs are skipped); every run saves its loss curve, perplexity and ΔW spectra.
+PRETRAIN        := $(PY) experiments/run.py -m experiment=pretrain_c4
+PRETRAIN_REPORT := $(PY) -m analysis pretrain --runs results/runs --out reports/pretrain
+
+## Fig. 4 (loss curves), Table 3 (C4 validation perplexity), Fig. 5 (singular values of ΔW > 0.1)
+fig4 table3 fig5 pretrain: $(STAMP)
+	$(PRETRAIN) method=fft,lora,mora,relora,remora seed=$(SEEDS)
+	$(PRETRAIN_REPORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache results/bench

@@ -3,8 +3,14 @@
 ``analysis.runs`` turns run folders into tidy records, picks each group's learning rate and
 aggregates over seeds; ``analysis.uuid_figures`` draws the paper's Fig. 2, Fig. 3 and Table 2 from
 them; ``python -m analysis uuid --runs results/runs --out reports/uuid`` writes all three.
+``analysis.pretrain_figures`` draws Fig. 4, Table 3 and Fig. 5 from the C4 pretraining runs;
+``python -m analysis pretrain --runs results/runs --out reports/pretrain`` writes them.
 """
 
+from analysis.pretrain_figures import (FIG5_THRESHOLD, PAPER_ORDER, PAPER_TABLE3, PAPER_TABLE3_MODELS, PretrainGroup,
+                                       PretrainKey, PretrainRun, SpectrumCounts, fig5_markdown, group_pretrain_runs,
+                                       load_pretrain_runs, plot_fig4, plot_fig5, ranking_notes, spectrum_counts,
+                                       table3_markdown, write_pretrain_report)
 from analysis.runs import (SELECTION_RULE, Candidate, Group, GroupKey, Run, Selection, Stat, aggregate_curves,
                            best_groups, common_eval_steps, load_runs, mean_std, run_from_record,
                            select_learning_rates, selection_markdown)
@@ -14,4 +20,7 @@ from analysis.uuid_figures import (PAPER_TABLE2, PAPER_TABLE2_STEPS, plot_fig2, 
 __all__ = ["SELECTION_RULE", "Candidate", "Group", "GroupKey", "Run", "Selection", "Stat", "aggregate_curves",
            "best_groups", "common_eval_steps", "load_runs", "mean_std", "run_from_record",
            "select_learning_rates", "selection_markdown", "PAPER_TABLE2", "PAPER_TABLE2_STEPS", "plot_fig2",
-           "plot_fig3", "table2_markdown", "write_uuid_report"]
+           "plot_fig3", "table2_markdown", "write_uuid_report", "FIG5_THRESHOLD", "PAPER_ORDER", "PAPER_TABLE3",
+           "PAPER_TABLE3_MODELS", "PretrainGroup", "PretrainKey", "PretrainRun", "SpectrumCounts", "fig5_markdown",
+           "group_pretrain_runs", "load_pretrain_runs", "plot_fig4", "plot_fig5", "ranking_notes", "spectrum_counts",
+           "table3_markdown", "write_pretrain_report"]

@@ -1,6 +1,7 @@
-"""``python -m analysis uuid --runs results/runs --out reports/uuid``: Fig. 2, Fig. 3 and Table 2.
+"""``python -m analysis uuid|pretrain --runs results/runs --out reports/<name>``: the paper's figures and tables.
 
-Reads run folders only; exits 1 with a message when no run matches.
+``uuid``: Fig. 2, Fig. 3 and Table 2 (UUID memorisation). ``pretrain``: Fig. 4, Table 3 and Fig. 5
+(C4 pretraining). Reads run folders only; exits 1 with a message when no run matches.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from analysis.pretrain_figures import FIG5_THRESHOLD, group_pretrain_runs, load_pretrain_runs, write_pretrain_report
 from analysis.runs import load_runs
 from analysis.uuid_figures import write_uuid_report
 
@@ -33,14 +35,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     uuid.add_argument("--scale", default=None, help="mini | paper (default: the one scale present)")
     uuid.add_argument("--where", type=_filter, action="append", default=[], metavar="KEY=VALUE",
                       help="keep runs whose config has this dotted key's value, e.g. train.max_steps=300")
-    return parser.parse_args(argv)
+    pretrain = sub.add_parser("pretrain", help="C4 pretraining: fig4.{png,pdf}, table3.md, fig5.{png,pdf}, fig5.md")
+    pretrain.add_argument("--runs", type=Path, default=Path("results/runs"), help="results root (default: %(default)s)")
+    pretrain.add_argument("--out", type=Path, default=Path("reports/pretrain"),
+                          help="output folder (default: %(default)s)")
+    pretrain.add_argument("--threshold", type=float, default=FIG5_THRESHOLD,
+                          help="Fig. 5 counts singular values of ΔW above this (default: %(default)s, the paper's)")
+    pretrain.add_argument("--smooth", type=int, default=1, metavar="N",
+                          help="Fig. 4: average each seed's loss over its last N logged points (default: 1, none)")
+    pretrain.add_argument("--where", type=_filter, action="append", default=[], metavar="KEY=VALUE",
+                          help="keep runs whose config has this dotted key's value, e.g. scale.name=mini")
+    args = parser.parse_args(argv)
+    if args.report == "pretrain" and args.smooth < 1:
+        parser.error(f"--smooth must be at least 1, got {args.smooth}")
+    return args
+
+
+def _report_results(written: list[Path], skipped: list[str], n_runs: int, start: float) -> int:
+    """Print what was written and skipped; 0 if something was written, else 1."""
+    for reason in skipped:
+        print(f"skipped {reason}", file=sys.stderr)
+    for path in written:
+        print(f"wrote {path}")
+    print(f"{n_runs} runs in {time.perf_counter() - start:.1f} s")
+    return 0 if written else 1
+
+
+def _no_runs_folder(runs: Path) -> bool:
+    if runs.is_dir():
+        return False
+    print(f"error: no runs: {runs} is not a folder; run experiments/run.py first", file=sys.stderr)
+    return True
 
 
 def uuid_report(args: argparse.Namespace) -> int:
     """Load the runs, write the report, print what was written; 1 if there is nothing to report."""
     start = time.perf_counter()
-    if not args.runs.is_dir():
-        print(f"error: no runs: {args.runs} is not a folder; run experiments/run.py first", file=sys.stderr)
+    if _no_runs_folder(args.runs):
         return 1
     try:
         runs = load_runs(args.runs, task="uuid", scale=args.scale, **dict(args.where))
@@ -51,18 +82,32 @@ def uuid_report(args: argparse.Namespace) -> int:
         print(f"error: no UUID run folders found under {args.runs} (scale={args.scale or 'any'}, "
               f"filters={dict(args.where) or 'none'}); run experiments/run.py first", file=sys.stderr)
         return 1
-    written, skipped = write_uuid_report(runs, args.out)
-    for reason in skipped:
-        print(f"skipped {reason}", file=sys.stderr)
-    for path in written:
-        print(f"wrote {path}")
-    print(f"{len(runs)} runs in {time.perf_counter() - start:.1f} s")
-    return 0 if written else 1
+    return _report_results(*write_uuid_report(runs, args.out), len(runs), start)
+
+
+def pretrain_report(args: argparse.Namespace) -> int:
+    """Load the C4 runs, write Fig. 4, Table 3 and Fig. 5, print what was written; 1 if nothing."""
+    start = time.perf_counter()
+    if _no_runs_folder(args.runs):
+        return 1
+    try:
+        runs = load_pretrain_runs(args.runs, **dict(args.where))
+        if not runs:
+            print(f"error: no C4 run folders (task.name=c4) found under {args.runs} "
+                  f"(filters={dict(args.where) or 'none'}); run experiments/run.py experiment=pretrain_c4 first",
+                  file=sys.stderr)
+            return 1
+        group_pretrain_runs(runs)  # refuses mixed learning rates before anything is drawn
+        written, skipped = write_pretrain_report(runs, args.out, args.threshold, args.smooth)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return _report_results(written, skipped, len(runs), start)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return {"uuid": uuid_report}[args.report](args)
+    return {"uuid": uuid_report, "pretrain": pretrain_report}[args.report](args)
 
 
 if __name__ == "__main__":

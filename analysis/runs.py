@@ -13,7 +13,7 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 from experiments.records import find_runs
 
@@ -171,16 +171,17 @@ def load_runs(root: str | Path, task: str = "uuid", scale: str | None = None, **
     return runs
 
 
-def _check_unique(runs: Iterable[Run]) -> None:
-    """Raise ValueError naming the folders that repeat a (method, operator, rank, lr, seed)."""
+def _check_unique(runs: Iterable[Any], identity: Callable[[Any], tuple] = lambda run: (*run.key, run.lr, run.seed),
+                  fields: str = "(method, operator, rank, lr, seed)") -> None:
+    """Raise ValueError naming the folders (``run.dir``) that repeat an ``identity`` (whose parts
+    ``fields`` names): averaging them would count one seed twice."""
     seen: dict[tuple, list[Path]] = defaultdict(list)
     for run in runs:
-        seen[(*run.key, run.lr, run.seed)].append(run.dir)
+        seen[identity(run)].append(run.dir)
     repeats = {key: dirs for key, dirs in seen.items() if len(dirs) > 1}
     if repeats:
         lines = "; ".join(f"{key}: {[str(d) for d in dirs]}" for key, dirs in repeats.items())
-        raise ValueError(f"several runs share (method, operator, rank, lr, seed): {lines}; "
-                         "narrow the selection with config filters")
+        raise ValueError(f"several runs share {fields}: {lines}; narrow the selection with config filters")
 
 
 # ---------------------------------------------------------------- aggregation

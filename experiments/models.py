@@ -1,12 +1,13 @@
 """Base models: llama2.c checkpoints from the offline data folder (checked against SHA256SUMS
-first) and Hugging Face hub models for paper-scale runs."""
+first), Hugging Face hub models for paper-scale runs, and LLaMA models built from a config and
+randomly initialised for pretraining from scratch (Section 5.3)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from experiments.llama2c import load_llama2c
 from experiments.offline_data import DEFAULT_DATA_ROOT, verify_files
@@ -37,6 +38,28 @@ def load_hub_model(hub_id: str, dtype: torch.dtype):
     return AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype), tokenizer
 
 
+def build_llama_from_config(spec, vocab_size: int, seed: int, dtype: str = "float32") -> LlamaForCausalLM:
+    """A randomly initialised LLaMA (RMSNorm, SwiGLU, RoPE) of ``spec``'s shape.
+
+    The initialisation draws from its own generator seeded with ``seed`` alone, so every method of
+    one seed starts from the identical W₀ (Section 5.3 compares adapters on the same frozen random
+    weights), and the same call rebuilds W_init exactly for the ΔW spectra of Fig. 5.
+    """
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads or spec.num_heads,
+        max_position_embeddings=spec.max_position_embeddings or 2048,
+        tie_word_embeddings=bool(spec.tie_word_embeddings), rms_norm_eps=1e-6, rope_theta=10000.0)
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.random.set_rng_state(state)  # the run's own RNG stream does not depend on the model size
+    return model.to(DTYPES[dtype])
+
+
 def load_model(spec, data_root: str | Path, dtype: str = "float32"):
     """(model, tokenizer) for a :class:`experiments.schema.ModelSpec`, by its ``source``."""
     if spec.source == "llama2c":
@@ -44,4 +67,5 @@ def load_model(spec, data_root: str | Path, dtype: str = "float32"):
         return model.to(DTYPES[dtype]), tokenizer
     if spec.source == "hub":
         return load_hub_model(spec.hub_id, DTYPES[dtype])
-    raise ValueError(f"model.source={spec.source!r} cannot be loaded by load_model (allowed: llama2c, hub)")
+    raise ValueError(f"model.source={spec.source!r} cannot be loaded by load_model (allowed: llama2c, hub); "
+                     "source=config models are built by build_llama_from_config")

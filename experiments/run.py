@@ -19,13 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python experiments/run.py` from a checkout
 
-from experiments.models import load_model  # noqa: E402
+from experiments.models import build_llama_from_config, load_model  # noqa: E402
 from experiments.records import RunRecord  # noqa: E402
 from experiments.schema import RunConfig, build_run_config  # noqa: E402
 from experiments.trackers import make_tracker  # noqa: E402
 from experiments.training import DivergedError, train  # noqa: E402
 from experiments.uuid_task import UUIDTask  # noqa: E402
-from mora.adapters import adapter_summary, inject_adapters, trainable_parameter_count  # noqa: E402
+from mora.adapters import LLAMA_TARGETS, adapter_summary, inject_adapters, trainable_parameter_count  # noqa: E402
 
 # config keys that may change between a run and its resumption
 RESUMABLE_KEYS = ("resume", "logger", "device", "skip_completed")
@@ -53,20 +53,23 @@ def execute(cfg: DictConfig) -> dict:
         print(f"[skipped] {run.out_dir} is already complete (skip_completed=true)")
         return json.loads(previous.read_text())
     torch.manual_seed(run.seed)
-    model, tokenizer = load_model(run.model, run.data_root, run.train.dtype)
+    model, task = build_model_and_task(run)
     inject_adapters(model, run.adapter)
     print(describe_adapters(model, run))
+    if hasattr(task, "describe"):
+        print(task.describe())
     config = OmegaConf.to_container(cfg, resolve=True) | {"resolved": {
         "lr": run.lr, "out_dir": str(run.out_dir), "effective_rank": run.rank.rank,
-        "rank_representable": run.rank.representable, "rank_mapping": run.rank.describe()}}
+        "rank_representable": run.rank.representable, "rank_mapping": run.rank.describe(),
+        "scheduler": run.train.scheduler}}
     record = RunRecord.create(run.out_dir, config, resume=run.resume, ignore_on_resume=RESUMABLE_KEYS)
     tracker = make_tracker(run.logger.get("kind", "none"), **_tracker_kwargs(run, config))
-    task = UUIDTask(run.task, tokenizer, run.train.batch_size, run.seed)
     start, status = time.time(), "completed"
     try:
         final = train(model, task, run.adapter, run.train, run.lr, record, tracker, device=run.device,
-                      resume=run.resume, merge_every=run.merge_every,
-                      switch_groups=run.switch_groups)
+                      resume=run.resume, merge_every=run.merge_every, group_switch=run.group_switch)
+        if run.singular_values:
+            _save_delta_spectra(run, model)
     except DivergedError as err:
         final, status = {"error": str(err)}, "diverged"
     finally:
@@ -77,6 +80,43 @@ def execute(cfg: DictConfig) -> dict:
     print(f"[{status}] {run.out_dir} :: " + ", ".join(f"{k}={v:.4g}" for k, v in final.items()
                                                        if isinstance(v, float)))
     return summary
+
+
+def build_model_and_task(run: RunConfig):
+    """(model, task). A pretrained base brings its tokenizer to the task; a model built from a
+    config (pretraining from scratch) takes its vocabulary from the task's tokenizer."""
+    if run.model.source == "config":
+        task = make_task(run, tokenizer=None)
+        return build_llama_from_config(run.model, task.vocab_size, run.seed, run.train.dtype), task
+    model, tokenizer = load_model(run.model, run.data_root, run.train.dtype)
+    return model, make_task(run, tokenizer)
+
+
+def make_task(run: RunConfig, tokenizer):
+    """The task object the loop trains on, chosen by ``task.name``."""
+    if run.task.name == "c4":
+        from experiments.c4_task import C4Task, build_tokenizer
+
+        if tokenizer is None:  # pretraining from scratch: the task's own tokenizer (t5-base or a BPE)
+            tokenizer = build_tokenizer(run.task, run.data_root)
+        return C4Task(run.task, tokenizer, run.train.batch_size, run.seed, run.data_root)
+    return UUIDTask(run.task, tokenizer, run.train.batch_size, run.seed)
+
+
+def _save_delta_spectra(run: RunConfig, model) -> None:
+    """Singular values of ΔW = W_final - W_init per adapted module (Fig. 5), the pending adapter
+    included; W_init is rebuilt from the seed (or reloaded), so a resumed run gets the same."""
+    from experiments.spectra import delta_spectra, effective_linear_weights, save_spectra
+
+    if run.model.source == "config":
+        initial_model = build_llama_from_config(run.model, model.config.vocab_size, run.seed, run.train.dtype)
+    else:
+        initial_model = load_model(run.model, run.data_root, run.train.dtype)[0]
+    targets = run.adapter.target_modules or LLAMA_TARGETS  # FFT adapts nothing but changes every linear
+    initial = effective_linear_weights(initial_model, targets)
+    spectra = delta_spectra(initial, effective_linear_weights(model, targets))
+    save_spectra(run.out_dir / "spectra.safetensors", spectra)
+    print(f"singular values of ΔW for {len(spectra)} modules -> {run.out_dir / 'spectra.safetensors'}")
 
 
 def _tracker_kwargs(run: RunConfig, config: dict) -> dict:

@@ -12,15 +12,16 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from mora.adapters import AdapterConfig
+from mora.operators import GROUP_SWITCHES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCALES = ("mini", "paper")
 MODEL_SOURCES = ("llama2c", "hub", "config")
 DEVICES = ("auto", "cpu", "cuda")
-SCHEDULERS = ("linear", "cosine", "constant")
+SCHEDULERS = ("linear", "cosine", "constant")  # jagged_cosine is derived from the method (ReLoRA/ReMoRA)
 DTYPES = ("float32", "bfloat16")
 LOGGERS = ("none", "wandb")
-TASKS = ("uuid",)
+TASKS = ("uuid", "c4")
 
 
 def _choice(field: str, value, allowed) -> None:
@@ -43,6 +44,14 @@ class ModelSpec:
     path: str | None = None          # llama2c: checkpoint, relative to data_root
     tokenizer: str | None = None     # llama2c: SentencePiece model, relative to data_root
     hub_id: str | None = None        # hub: Hugging Face id
+    # source=config: a LLaMA (RMSNorm, SwiGLU, RoPE) built from these fields, randomly initialised
+    # from the run seed (Section 5.3 pretrains from scratch); the vocabulary comes from the task
+    intermediate_size: int | None = None
+    num_layers: int | None = None
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    max_position_embeddings: int | None = None
+    tie_word_embeddings: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,8 @@ class TrainSpec:
     ckpt_every: int
     eval_steps: tuple[int, ...]
     dtype: str
+    min_lr_ratio: float = 0.0          # cosine envelopes end at min_lr_ratio · lr (ReLoRA: 0.1)
+    restart_warmup_steps: int = 0      # jagged_cosine: linear re-warm-up after each merge
 
 
 @dataclass(frozen=True)
@@ -115,39 +126,87 @@ class RunConfig:
     model: ModelSpec
     adapter: AdapterConfig
     merge_every: int | None
-    switch_groups: bool
-    task: UUIDTaskSpec
+    group_switch: str
+    task: object                       # UUIDTaskSpec | C4TaskSpec, by task.name
     train: TrainSpec
     logger: dict
+    singular_values: bool = False      # save the spectra of ΔW = W_final - W_init (Fig. 5)
 
 
 def _model_spec(cfg: DictConfig) -> ModelSpec:
     m = OmegaConf.to_container(cfg.model, resolve=True)
     _choice("model.source", m.get("source"), MODEL_SOURCES)
-    needed = {"llama2c": ("path", "tokenizer"), "hub": ("hub_id",), "config": ()}[m["source"]]
+    needed = {"llama2c": ("path", "tokenizer"), "hub": ("hub_id",),
+              "config": ("intermediate_size", "num_layers", "num_heads")}[m["source"]]
     for key in needed:
         if not m.get(key):
             raise ValueError(f"model.{key} is required for model.source={m['source']!r} (model={m.get('name')})")
     _positive("model.hidden_size", m.get("hidden_size"))
-    return ModelSpec(**{k: m.get(k) for k in ModelSpec.__dataclass_fields__ if k in m})
+    unknown = sorted(set(m) - set(ModelSpec.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"model has unknown fields {unknown}; allowed: {sorted(ModelSpec.__dataclass_fields__)}")
+    if m["source"] == "config":
+        for key in ("intermediate_size", "num_layers", "num_heads", "num_kv_heads", "max_position_embeddings"):
+            if m.get(key) is not None:
+                _positive(f"model.{key}", m[key])
+        if m["hidden_size"] % m["num_heads"]:
+            raise ValueError(f"model.hidden_size={m['hidden_size']} must be divisible by model.num_heads={m['num_heads']}")
+    return ModelSpec(**m)
 
 
-def _train_spec(cfg: DictConfig) -> TrainSpec:
+def _method_restarts(m: dict) -> tuple[int | None, str, bool, int]:
+    """(merge_every, group_switch, jagged_schedule, restart_warmup_steps) of the method config."""
+    merge_every = m.get("merge_every")
+    if merge_every is not None:
+        _positive("method.merge_every", merge_every)
+    group_switch = m.get("group_switch", "none")
+    _choice("method.group_switch", group_switch, GROUP_SWITCHES)
+    if group_switch != "none" and merge_every is None:
+        raise ValueError(f"method.group_switch={group_switch!r} needs method.merge_every (a switch happens at a merge)")
+    restart_warmup = m.get("restart_warmup_steps", 0)
+    _positive("method.restart_warmup_steps", restart_warmup, allow_zero=True)
+    return merge_every, group_switch, bool(m.get("jagged_schedule", False)), restart_warmup
+
+
+def _train_spec(cfg: DictConfig, merge_every: int | None, jagged: bool, restart_warmup: int) -> TrainSpec:
+    """The training settings; a merging method with ``jagged_schedule`` turns the schedule into
+    ReLoRA's jagged cosine (Section 5.3): LR zero at each merge, ``restart_warmup`` steps back up."""
     t = OmegaConf.to_container(cfg.train, resolve=True)
     for key in ("max_steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
         _positive(f"train.{key}", t[key])
     _positive("train.warmup_steps", t["warmup_steps"], allow_zero=True)
     _choice("train.scheduler", t["scheduler"], SCHEDULERS)
     _choice("train.dtype", t["dtype"], DTYPES)
+    min_ratio = float(t.get("min_lr_ratio", 0.0))
+    if not 0.0 <= min_ratio <= 1.0:
+        raise ValueError(f"train.min_lr_ratio must lie in [0, 1], got {min_ratio}")
     steps = tuple(int(s) for s in t["eval_steps"])
     if any(s <= 0 or s > t["max_steps"] for s in steps):
         raise ValueError(f"train.eval_steps must lie in [1, train.max_steps={t['max_steps']}], got {list(steps)}")
-    return TrainSpec(**{**t, "eval_steps": steps, "weight_decay": float(t["weight_decay"])})
+    scheduler = t["scheduler"]
+    if merge_every is not None and jagged:
+        if t["scheduler"] != "cosine":
+            raise ValueError("method.jagged_schedule=true needs train.scheduler=cosine (the jagged schedule is "
+                             f"a cosine envelope with restarts), got train.scheduler={t['scheduler']!r}")
+        if t["max_steps"] % merge_every:
+            raise ValueError(f"method.merge_every={merge_every} must divide train.max_steps={t['max_steps']} "
+                             "(the jagged schedule's cycles must tile the run)")
+        if not 1 <= restart_warmup < merge_every or not t["warmup_steps"] < merge_every:
+            raise ValueError(f"method.restart_warmup_steps={restart_warmup} and train.warmup_steps="
+                             f"{t['warmup_steps']} must be shorter than method.merge_every={merge_every} "
+                             "(and the restart warm-up at least 1 step: the LR climbs back from zero)")
+        scheduler = "jagged_cosine"
+    return TrainSpec(**{**t, "eval_steps": steps, "weight_decay": float(t["weight_decay"]), "scheduler": scheduler,
+                        "min_lr_ratio": min_ratio, "restart_warmup_steps": restart_warmup if scheduler == "jagged_cosine" else 0})
 
 
-def _task_spec(cfg: DictConfig) -> UUIDTaskSpec:
+def _task_spec(cfg: DictConfig):
     t = OmegaConf.to_container(cfg.task, resolve=True)
     _choice("task", t.get("name"), TASKS)
+    if t["name"] == "c4":
+        from experiments.c4_task import C4TaskSpec  # tokenizers/datasets only when the task needs them
+
+        return C4TaskSpec.from_dict(t)
     _positive("task.n_pairs", t["n_pairs"])
     _positive("task.eval_batch_size", t["eval_batch_size"])
     if t.get("eval_pairs") is not None:
@@ -155,10 +214,14 @@ def _task_spec(cfg: DictConfig) -> UUIDTaskSpec:
     return UUIDTaskSpec(**t)
 
 
+# method fields that configure the training loop rather than the adapter layers
+LOOP_FIELDS = ("merge_every", "group_switch", "jagged_schedule", "restart_warmup_steps")
+
+
 def _adapter_config(cfg: DictConfig, rank: int) -> AdapterConfig:
     m = OmegaConf.to_container(cfg.method, resolve=True)
     fields = set(AdapterConfig.__dataclass_fields__) - {"method", "rank", "extra"}
-    known = fields | {"name", "merge_every", "switch_groups"}
+    known = fields | {"name", *LOOP_FIELDS}
     unknown = sorted(set(m) - known)
     if unknown:
         raise ValueError(f"method has unknown fields {unknown}; allowed: {sorted(known)}")
@@ -201,17 +264,20 @@ def build_run_config(cfg: DictConfig, cuda_available: bool) -> RunConfig:
                          "use scale=mini on a CPU machine")
     rank = map_rank(cfg.rank, model.hidden_size, cfg.rank_mapping.reference_width)
     adapter = _adapter_config(cfg, rank.rank)
-    merge_every = cfg.method.get("merge_every")
-    if merge_every is not None:
-        _positive("method.merge_every", merge_every)
+    merge_every, group_switch, jagged, restart_warmup = _method_restarts(
+        OmegaConf.to_container(cfg.method, resolve=True))
+    if group_switch != "none" and (adapter.layer_kind != "mora" or adapter.operator != "share"):
+        raise ValueError(f"method.group_switch={group_switch!r} switches MoRA's sharing groups (Eq. 6); "
+                         f"method={adapter.method!r} with operator={adapter.operator!r} has none "
+                         "(use method.group_switch=none or method.operator=share)")
     data_root = Path(cfg.data_root) if cfg.data_root else REPO_ROOT.parent / "shared" / "data"
     lr = _learning_rate(cfg, adapter.method)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.out_root) / default_run_name(cfg, adapter, lr)
-    train, task = _train_spec(cfg), _task_spec(cfg)
-    if train.batch_size > task.n_pairs:
+    train, task = _train_spec(cfg, merge_every, jagged, restart_warmup), _task_spec(cfg)
+    if isinstance(task, UUIDTaskSpec) and train.batch_size > task.n_pairs:
         raise ValueError(f"train.batch_size={train.batch_size} exceeds task.n_pairs={task.n_pairs}")
     return RunConfig(seed=cfg.seed, scale=cfg.scale.name, rank=rank, lr=lr,
                      resume=bool(cfg.resume), device=device, out_dir=out_dir, data_root=data_root,
-                     model=model, adapter=adapter, merge_every=merge_every,
-                     switch_groups=bool(cfg.method.get("switch_groups", False)), task=task,
-                     train=train, logger=OmegaConf.to_container(cfg.logger, resolve=True))
+                     model=model, adapter=adapter, merge_every=merge_every, group_switch=group_switch,
+                     task=task, train=train, logger=OmegaConf.to_container(cfg.logger, resolve=True),
+                     singular_values=bool(cfg.get("singular_values", False)))

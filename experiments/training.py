@@ -2,9 +2,11 @@
 
 The loop is task-agnostic: a task gives ``batch(step, process_index, num_processes)`` (a pure
 function of the step, so a resumed run sees the same data) and ``evaluate(model, device)``.
-ReLoRA/ReMoRA restarts (merge, re-init, reset the adapters' optimizer state) happen every
-``merge_every`` steps; the jagged learning-rate schedule of the pretraining experiments is not
-part of this loop yet.
+ReLoRA/ReMoRA restarts (Section 5.3; Lialin et al. 2023) happen after optimizer step m·merge_every
+(m ≥ 1, before the last step): merge ΔW into W, re-initialise the adapters, switch MoRA's sharing
+groups (``group_switch``, Appendix B) and drop the adapters' optimizer state. With
+``scheduler=jagged_cosine`` the restarts are the schedule's cycle boundaries, so the first step
+after each merge runs at learning rate 0 and warms up again (experiments/schedules.py).
 """
 
 from __future__ import annotations
@@ -17,16 +19,16 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from tqdm import tqdm
-from transformers import get_scheduler
 
 from mora.adapters import (AdapterConfig, adapter_layers, adapter_state_dict, build_optimizer,
                            load_adapter_state_dict, merge_and_reinit, mora_layers)
+from mora.operators import GROUP_SWITCHES, next_groups
 
 from .records import RunRecord, atomic_torch_save, read_run
+from .schedules import build_scheduler
 from .schema import TrainSpec
 
 CHECKPOINT = "checkpoint.pt"
-_SCHEDULER_NAMES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
 
 class DivergedError(RuntimeError):
@@ -45,15 +47,69 @@ def _adapter_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
             for n, p in layer.named_parameters() if not n.startswith("base_layer.")]
 
 
-def restart_adapters(model, optimizer, switch_groups: bool) -> None:
-    """ReLoRA/ReMoRA restart: merge ΔW into W, re-init adapters, drop their optimizer state."""
-    groups = None
-    if switch_groups and mora_layers(model):
-        layout = next(iter(mora_layers(model).values())).mora.layout.switched()
-        groups = (layout.compress_groups, layout.decompress_groups)
-    merge_and_reinit(model, groups)
+def restart_adapters(model, optimizer, group_switch: str = "none") -> None:
+    """ReLoRA/ReMoRA restart: merge ΔW into W, re-init the adapters, switch MoRA's groups, reset
+    the adapters' optimizer state.
+
+    Re-init is :func:`mora.adapters.merge_and_reinit` (LoRA: A Kaiming-uniform a=√5, B zero;
+    MoRA: M zero; same Parameter objects, so the optimizer still holds them).
+    """
+    merge_and_reinit(model, _next_groups(model, group_switch))
+    reset_adapter_optimizer_state(model, optimizer)
+
+
+def _next_groups(model, group_switch: str) -> tuple[str, str] | None:
+    """The sharing groups every MoRA layer takes after this merge (None: leave them)."""
+    current = {(l.mora.layout.compress_groups, l.mora.layout.decompress_groups)
+               for l in mora_layers(model).values()}
+    if group_switch == "none" or not current:
+        return None
+    if len(current) > 1:
+        raise RuntimeError(f"MoRA layers disagree on their sharing groups {sorted(current)}; cannot switch them together")
+    return next_groups(current.pop(), group_switch)
+
+
+def reset_adapter_optimizer_state(model, optimizer) -> None:
+    """Forget the optimizer state (Adam's moments and step) of the adapter parameters only.
+
+    ReLoRA resets the optimizer at each merge for the adapters alone: the moments of the old A, B
+    (or M) describe a ΔW that now lives in W. Embeddings, norms, lm_head and any other trainable
+    parameter keep theirs. State is keyed by Parameter, so param groups (LoRA+) need no care;
+    accelerate's AcceleratedOptimizer keeps the state on the optimizer it wraps.
+    """
+    state = getattr(optimizer, "optimizer", optimizer).state
     for param in _adapter_parameters(model):
-        optimizer.state.pop(param, None)
+        state.pop(param, None)
+
+
+def _check_restarts(model, merge_every: int | None, group_switch: str) -> None:
+    """Refuse restart settings that would silently do nothing or fail at the first merge."""
+    if group_switch not in GROUP_SWITCHES:
+        raise ValueError(f"group_switch must be one of {GROUP_SWITCHES}, got group_switch={group_switch!r}")
+    if merge_every is not None and (not isinstance(merge_every, int) or merge_every <= 0):
+        raise ValueError(f"merge_every must be a positive integer or None, got merge_every={merge_every!r}")
+    if merge_every and not adapter_layers(model):
+        raise ValueError(f"merge_every={merge_every} merges adapters, but the model has none (full fine-tuning?)")
+    if group_switch == "none":
+        return
+    if not merge_every:
+        raise ValueError(f"group_switch={group_switch!r} switches MoRA's groups at merges; set merge_every")
+    operators = {l.mora.layout.operator for l in mora_layers(model).values()}
+    if operators != {"share"}:
+        raise ValueError(f"group_switch={group_switch!r} changes the sharing groups of MoRA operator='share'; "
+                         f"the model's MoRA operators are {sorted(operators) or 'none (no MoRA layers)'}")
+
+
+def _build_scheduler(optimizer, spec: TrainSpec, merge_every: int | None):
+    """The spec's schedule; jagged_cosine restarts at the merges (Section 5.3's "jagged scheduler").
+
+    ``min_lr_ratio`` and ``restart_warmup_steps`` are read with defaults so that a TrainSpec
+    without them (older configs) still works.
+    """
+    return build_scheduler(optimizer, spec.scheduler, max_steps=spec.max_steps, warmup_steps=spec.warmup_steps,
+                           min_lr_ratio=getattr(spec, "min_lr_ratio", None) or 0.0,
+                           restart_every=merge_every if spec.scheduler == "jagged_cosine" else None,
+                           restart_warmup_steps=getattr(spec, "restart_warmup_steps", None) or 0)
 
 
 def _save_checkpoint(path: Path, model, adapter: AdapterConfig, optimizer, scheduler, state: LoopState) -> None:
@@ -63,8 +119,16 @@ def _save_checkpoint(path: Path, model, adapter: AdapterConfig, optimizer, sched
         "loop": vars(state), "weights": adapter_state_dict(model, adapter), "mora_groups": groups,
         "base_modified": [n for n, l in adapter_layers(model).items() if getattr(l, "base_weight_modified", False)],
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        "rng": _rng_state(),
     }, path)
+
+
+def _rng_state() -> dict:
+    """Python and torch RNGs, CUDA's too: dropout and ReLoRA's Kaiming re-init on a GPU draw from it."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return rng
 
 
 def _load_checkpoint(path: Path, model, optimizer, scheduler) -> LoopState:
@@ -78,17 +142,23 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler) -> LoopState:
     scheduler.load_state_dict(ckpt["scheduler"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     random.setstate(ckpt["rng"]["python"])
+    if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
     return LoopState(**ckpt["loop"])
 
 
 def train(model, task, adapter: AdapterConfig, train_spec: TrainSpec, lr: float, record: RunRecord,
           tracker, *, device: str, resume: bool, merge_every: int | None = None,
-          switch_groups: bool = False) -> dict:
-    """Run ``train_spec.max_steps`` optimizer steps; returns the final metrics."""
+          group_switch: str = "none") -> dict:
+    """Run ``train_spec.max_steps`` optimizer steps; returns the final metrics.
+
+    ``merge_every``: ReLoRA/ReMoRA restart after every ``merge_every``-th step (None: never);
+    ``group_switch``: how MoRA's sharing groups change at each restart (mora.operators.GROUP_SWITCHES).
+    """
+    _check_restarts(model, merge_every, group_switch)
     accelerator = Accelerator(cpu=device == "cpu", gradient_accumulation_steps=train_spec.grad_accum)
     optimizer = build_optimizer(model, adapter, lr=lr, weight_decay=train_spec.weight_decay)
-    scheduler = get_scheduler(_SCHEDULER_NAMES[train_spec.scheduler], optimizer,
-                              num_warmup_steps=train_spec.warmup_steps, num_training_steps=train_spec.max_steps)
+    scheduler = _build_scheduler(optimizer, train_spec, merge_every)
     model, optimizer = accelerator.prepare(model, optimizer)
     ckpt_path = record.dir / CHECKPOINT
     state, final = LoopState(), {}
@@ -106,7 +176,8 @@ def train(model, task, adapter: AdapterConfig, train_spec: TrainSpec, lr: float,
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         if merge_every and state.step % merge_every == 0 and state.step < train_spec.max_steps:
-            restart_adapters(accelerator.unwrap_model(model), optimizer, switch_groups)
+            # after step m·T, where a jagged schedule's multiplier for the next step is 0
+            restart_adapters(accelerator.unwrap_model(model), optimizer, group_switch)
         final.update(_log_and_evaluate(model, task, accelerator, scheduler, train_spec, state, record, tracker))
         if state.step % train_spec.ckpt_every == 0 or state.step == train_spec.max_steps:
             if accelerator.is_main_process:

@@ -35,7 +35,7 @@ Everything here is a pure function of tensors; shapes are documented as (..., fe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -92,11 +92,38 @@ class MoRALayout:
         """Blocks whose outputs reach one of the d outputs; the rest cannot affect ΔW."""
         return min(self.n_blocks, math.ceil(self.out_features / self.r_hat))
 
-    def switched(self) -> "MoRALayout":
-        """The layout with cyclic ↔ block swapped on both sides (ReMoRA, Appendix B)."""
+    def switched(self, switch: str = "pair") -> "MoRALayout":
+        """The layout ReMoRA uses after a merge: groups moved on by :func:`next_groups`.
+
+        The default ``pair`` swaps cyclic ↔ block on both sides (Appendix B's type 0 ↔ 1).
+        """
+        compress, decompress = next_groups((self.compress_groups, self.decompress_groups), switch)
+        return replace(self, compress_groups=compress, decompress_groups=decompress)
+
+
+# ReMoRA's group switch after each merge (Section 5.3, Appendix B). Merging ΔW = f_decomp(f_comp(M))
+# with the same groups g, g' keeps rank(Σ ΔW) ≤ r̂ (every ΔW lives in the same r̂-dimensional row
+# and column spaces), so the groups must change:
+#   none    keep them (MoRA merged like ReLoRA: the accumulated rank cannot grow);
+#   pair    cyclic ↔ block on both sides, the paper's type 0 ↔ 1 (official {1↔2});
+#   cycle4  the official train.py default (remora_types=4): mora_type 1→2→3→4→1 over
+#           (compress, decompress) = cyclic/cyclic → block/block → block/cyclic → cyclic/block.
+GROUP_SWITCHES = ("none", "pair", "cycle4")
+CYCLE4_ORDER = tuple(OFFICIAL_MORA_TYPES[t][1:] for t in (1, 2, 3, 4))
+
+
+def next_groups(groups: tuple[str, str], switch: str) -> tuple[str, str]:
+    """(compress_groups, decompress_groups) after one merge under ``switch`` (GROUP_SWITCHES)."""
+    _check_choice("group_switch", switch, GROUP_SWITCHES)
+    for kind in groups:
+        _check_choice("groups", kind, GROUP_KINDS)
+    groups = tuple(groups)
+    if switch == "none":
+        return groups
+    if switch == "pair":
         swap = {"cyclic": "block", "block": "cyclic"}
-        return MoRALayout(self.in_features, self.out_features, self.r_hat, self.operator,
-                          swap[self.compress_groups], swap[self.decompress_groups], self.padding)
+        return swap[groups[0]], swap[groups[1]]
+    return CYCLE4_ORDER[(CYCLE4_ORDER.index(groups) + 1) % len(CYCLE4_ORDER)]
 
 
 # ----------------------------------------------------------------------------- padding

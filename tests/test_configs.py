@@ -64,7 +64,80 @@ def test_paper_scale_refuses_a_cpu_machine(method):
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_validates_at_mini_scale(experiment):
     run = validate(f"experiment={experiment}", "scale=mini")
-    assert run.scale == "mini" and run.model.name == "stories260k"
+    assert run.scale == "mini" and run.model.name in ("stories260k", "llama_mini")
+    assert not run.model.requires_gpu and run.device == "cpu"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_validates_at_paper_scale(experiment):
+    run = validate(f"experiment={experiment}", "scale=paper", cuda_available=True)
+    assert run.scale == "paper" and run.model.requires_gpu and run.device == "cuda"
+
+
+# ------------------------------------------------------------------ C4 pretraining (Section 5.3)
+
+PRETRAIN_METHODS = ["fft", "lora", "mora", "relora", "remora"]
+
+
+@pytest.mark.parametrize("method", PRETRAIN_METHODS)
+def test_pretraining_paper_preset_is_section_5_3(method):
+    run = validate("experiment=pretrain_c4", f"method={method}", "scale=paper", cuda_available=True)
+    assert (run.task.name, run.task.source, run.task.tokenizer, run.task.seq_len) == ("c4", "hub", "t5", 512)
+    assert (run.model.name, run.model.hidden_size, run.model.intermediate_size, run.model.num_layers,
+            run.model.num_heads) == ("llama_250m", 768, 2560, 24, 16)
+    assert run.train.batch_size * run.train.grad_accum == 1024 and run.train.max_steps == 10_000
+    assert run.rank.rank == 128 and run.adapter.rank == 128
+    assert run.singular_values
+    if method != "fft":  # embeddings, norms and lm_head train in every arm (ReLoRA's setting)
+        assert set(run.adapter.trainable_modules) == {"embed_tokens", "norm", "lm_head"}
+    if method in ("relora", "remora"):  # merge every 2K steps, 50-step restart warm-up, jagged schedule
+        assert (run.merge_every, run.train.restart_warmup_steps, run.train.scheduler) == (2000, 50, "jagged_cosine")
+        assert run.train.min_lr_ratio == 0.1
+    else:
+        assert run.merge_every is None and run.train.scheduler == "cosine"
+    assert run.group_switch == ("pair" if method == "remora" else "none")
+    if method == "mora":
+        assert run.adapter.operator == "share"  # Eq. 6
+
+
+def test_pretraining_1b_model_is_one_override_away():
+    run = validate("experiment=pretrain_c4", "model=llama_1b", "scale=paper", cuda_available=True)
+    assert (run.model.hidden_size, run.model.intermediate_size, run.model.num_layers, run.model.num_heads) == (
+        2048, 5461, 24, 32)
+
+
+@pytest.mark.parametrize("method", PRETRAIN_METHODS)
+def test_pretraining_mini_preset_keeps_the_paper_ratios(method):
+    run = validate("experiment=pretrain_c4", f"method={method}")
+    assert (run.task.name, run.task.source, run.model.name) == ("c4", "local", "llama_mini")
+    assert run.rank.paper_rank == 128 and run.rank.reference_width == 768 and run.rank.representable
+    assert abs(run.rank.rank / run.model.hidden_size - 128 / 768) < 0.01
+    if method in ("relora", "remora"):
+        assert run.train.max_steps // run.merge_every == 5  # 10K steps / 2K as in the paper
+        assert run.train.scheduler == "jagged_cosine"
+
+
+@pytest.mark.parametrize("override, field", [
+    ("restart.every=7", "merge_every"),              # does not divide max_steps under the jagged schedule
+    ("method.group_switch=triple", "method.group_switch"),
+    ("train.min_lr_ratio=1.5", "train.min_lr_ratio"),
+    ("restart.warmup_steps=-1", "method.restart_warmup_steps"),
+])
+def test_bad_restart_settings_name_the_field(override, field):
+    with pytest.raises(ValueError, match=field):
+        validate("experiment=pretrain_c4", "method=remora", override)
+
+
+@pytest.mark.parametrize("overrides", [("method=relora", "method.group_switch=pair"),
+                                       ("method=remora", "method.operator=rotate")])
+def test_group_switch_needs_mora_sharing(overrides):
+    with pytest.raises(ValueError, match="group_switch"):
+        validate("experiment=pretrain_c4", *overrides)
+
+
+def test_jagged_restart_needs_a_warm_up():
+    with pytest.raises(ValueError, match="restart_warmup_steps"):
+        validate("experiment=pretrain_c4", "method=relora", "restart.warmup_steps=0")
 
 
 def test_defaults_are_the_documented_command():
