@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test test-fast bench rank-table fig2 fig3 table2 uuid fig4 table3 fig5 pretrain clean
+.PHONY: install test test-fast bench rank-table fig2 fig3 table2 uuid fig4 table3 fig5 pretrain pretrain-lr-sweep clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,12 @@ PRETRAIN_REPORT := $(PY) -m analysis pretrain --runs results/runs --out reports/
 fig4 table3 fig5 pretrain: $(STAMP)
 	$(PRETRAIN) method=fft,lora,mora,relora,remora seed=$(SEEDS)
 	$(PRETRAIN_REPORT)
+
+## how the mini preset's learning rates were chosen: seed 0 of every arm at 1e-3 and 1e-2 beside
+## the preset's 3e-3 (results/lr_sweep/ + results/runs/), reports/pretrain/lr_sweep.md (~15 min)
+pretrain-lr-sweep: $(STAMP)
+	$(PRETRAIN) method=fft,lora,mora,relora,remora lr=1e-3,3e-3,1e-2 seed=0 out_root=results/lr_sweep
+	$(PY) -m analysis pretrain-lr --runs results/lr_sweep --out reports/pretrain
 
 clean:
 	rm -rf $(VENV) .pytest_cache results/bench

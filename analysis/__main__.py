@@ -13,8 +13,10 @@ from pathlib import Path
 
 import yaml
 
-from analysis.pretrain_figures import FIG5_THRESHOLD, group_pretrain_runs, load_pretrain_runs, write_pretrain_report
+from analysis.pretrain_figures import (FIG5_THRESHOLD, group_pretrain_runs, load_pretrain_runs, lr_sweep_markdown,
+                                      write_pretrain_report)
 from analysis.runs import load_runs
+from experiments.records import find_runs
 from analysis.uuid_figures import write_uuid_report
 
 
@@ -45,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           help="Fig. 4: average each seed's loss over its last N logged points (default: 1, none)")
     pretrain.add_argument("--where", type=_filter, action="append", default=[], metavar="KEY=VALUE",
                           help="keep runs whose config has this dotted key's value, e.g. scale.name=mini")
+    sweep = sub.add_parser("pretrain-lr", help="C4 learning-rate sweep: lr_sweep.md (perplexity per lr)")
+    sweep.add_argument("--runs", type=Path, default=Path("results/lr_sweep"), help="sweep root (default: %(default)s)")
+    sweep.add_argument("--out", type=Path, default=Path("reports/pretrain"), help="output folder (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.report == "pretrain" and args.smooth < 1:
         parser.error(f"--smooth must be at least 1, got {args.smooth}")
@@ -105,9 +110,26 @@ def pretrain_report(args: argparse.Namespace) -> int:
     return _report_results(written, skipped, len(runs), start)
 
 
+def pretrain_lr_report(args: argparse.Namespace) -> int:
+    """Write the learning-rate sweep table; 1 if there is nothing to report."""
+    start = time.perf_counter()
+    if _no_runs_folder(args.runs):
+        return 1
+    try:
+        text = lr_sweep_markdown(args.runs)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "lr_sweep.md").write_text(text)
+    print(text)
+    n_runs = len(find_runs(args.runs, **{"task.name": "c4"}))
+    return _report_results([args.out / "lr_sweep.md"], [], n_runs, start)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return {"uuid": uuid_report, "pretrain": pretrain_report}[args.report](args)
+    return {"uuid": uuid_report, "pretrain": pretrain_report, "pretrain-lr": pretrain_lr_report}[args.report](args)
 
 
 if __name__ == "__main__":

@@ -341,6 +341,32 @@ def table3_markdown(runs: Sequence[PretrainRun]) -> str:
                       *sections, *notes]) + "\n"
 
 
+def lr_sweep_markdown(root: str | Path, **filters: Any) -> str:
+    """A learning-rate sweep as Markdown: per (scale, model, method, operator, rank), the final
+    validation perplexity of every learning rate tried, "mean ± std (n)" over completed seeds, the
+    lowest in bold. It shows how a preset's learning rates were chosen (``make pretrain-lr-sweep``)."""
+    runs = [pretrain_run_from_record(r) for r in find_runs(root, **{"task.name": TASK, **filters})]
+    cells: dict[PretrainKey, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        if run.run.status == "completed" and run.perplexity:
+            cells[run.key][run.run.lr].append(run.final_perplexity)
+    if not cells:
+        raise ValueError(f"no completed C4 runs with a validation perplexity under {root}")
+    lrs = sorted({lr for by_lr in cells.values() for lr in by_lr})
+    lines = ["## C4 learning-rate sweep — final validation perplexity (lower is better)", "",
+             "| scale | model | method | rank | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+             "|---|---|---|---|" + "---|" * len(lrs)]
+    for key in sorted(cells, key=lambda k: (k.scale, k.model, *_method_order(k))):
+        stats = {lr: mean_std(values) for lr, values in cells[key].items()}
+        best = min(stats, key=lambda lr: stats[lr].mean)
+        row = [f"**{format_stat(stats[lr])}**" if lr == best else format_stat(stats[lr]) if lr in stats else "—"
+               for lr in lrs]
+        method = key.method + (f" ({key.operator})" if key.operator else "")
+        lines.append(f"| {key.scale} | {key.model} | {method} | {key.rank if key.rank is not None else '–'} | "
+                     + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------- Fig. 5
 
 

@@ -239,3 +239,17 @@ def test_notebook_executes_on_the_runs(root):
     markdown = "".join(o.get("data", {}).get("text/markdown", "") for o in outputs)
     assert "| LoRA | 128 (mini 21) | 0.003 | 42.00 ± 1.41 (2) | 33.40 | 28.56 |" in markdown
     assert "| MoRA | 128 (mini 21) | " + " | ".join(["5.5 ± 0.7 (2)"] * 7) + " |" in markdown
+
+
+def test_lr_sweep_table_marks_the_best_rate_per_group(tmp_path):
+    from analysis.__main__ import main as cli_main
+    from analysis.pretrain_figures import lr_sweep_markdown
+
+    for lr, ppl in ((1e-3, 50.0), (1e-2, 40.0)):
+        write_run(tmp_path, "lora", 0, ppl, lr=lr)
+    text = lr_sweep_markdown(tmp_path)
+    assert "| lr 0.001 | lr 0.01 |" in text
+    assert "50.0" in text and "**40.0" in text and "**50.0" not in text
+    assert cli_main(["pretrain-lr", "--runs", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "lr_sweep.md").read_text() == text
+    assert cli_main(["pretrain-lr", "--runs", str(tmp_path / "none"), "--out", str(tmp_path / "out")]) == 1
