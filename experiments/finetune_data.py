@@ -1,0 +1,314 @@
+"""The fine-tuning data of Section 5.2 as examples a supervised task can train on.
+
+The paper fine-tunes LLaMA-2 7B on three tasks (Section 5.2.1, Table 1, hyperparameters in
+Table 5): instruction tuning on Tülu v2 (326K conversations, scored by MMLU), mathematical
+reasoning on MetaMathQA (395K, scored by GSM8K and MATH) and continual pretraining on PubMed
+abstracts made into reading comprehension by AdaptLLM (scored by PubMedQA and others, Appendix C).
+The hub datasets are read by functions that take a ``load_dataset``-like callable, so the same
+code runs on local stand-ins; the offline data gives the ``mini`` versions: GSM8K train rewritten
+in MetaMathQA's answer style, 100 Alpaca instructions, and PubMedQA-L's 1,000 abstracts and
+expert-labelled questions.
+
+An example is a tuple of :class:`Segment`. A plain (prompt, response) pair is two segments; a
+multi-turn conversation alternates untrained text (system and user turns, role headers) with
+trained assistant turns, so every assistant turn is learned, not only the last (open-instruct's
+masking, which Tülu v2 was trained with). A trainable segment is always closed by EOS, which is
+trained too: the model learns where its answer ends.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+from experiments.offline_data import DEFAULT_DATA_ROOT, verify_files
+
+GSM8K_FILES = {"train": "finetune/gsm8k_train.jsonl", "test": "finetune/gsm8k_test.jsonl"}
+ALPACA_FILE = "finetune/alpaca_tiny.json"
+PUBMEDQA_FILE = "finetune/pubmedqa_ori_pqal.json"
+TULU_V2 = "allenai/tulu-v2-sft-mixture"
+METAMATHQA = "meta-math/MetaMathQA"
+
+
+# ------------------------------------------------------------------------------------ examples
+
+@dataclass(frozen=True)
+class Segment:
+    """A piece of an example's text; the loss covers a trainable piece and the EOS after it."""
+
+    text: str
+    trainable: bool
+
+
+Example = tuple[Segment, ...]
+
+
+def pair_example(prompt: str, response: str) -> Example:
+    """The two segments of a (prompt, response) pair: loss on the response and its EOS only."""
+    return (Segment(prompt, False), Segment(response, True))
+
+
+def as_example(item: Example | tuple[str, str]) -> Example:
+    """Either form accepted by the tasks: a segment tuple, or a (prompt, response) pair of strings."""
+    if len(item) == 2 and all(isinstance(part, str) for part in item):
+        return pair_example(*item)
+    if not item or not all(isinstance(part, Segment) for part in item):
+        raise TypeError(f"an example is a (prompt, response) pair of str or a tuple of Segment, got {item!r}")
+    return tuple(item)
+
+
+def split_heldout(n_items: int, n_heldout: int, seed: int) -> tuple[list[int], list[int]]:
+    """(train, held-out) indices of ``n_items``: a seeded random subset of ``n_heldout`` is held out.
+
+    Both lists are sorted and disjoint; the same (n_items, n_heldout, seed) gives the same split,
+    whatever else the run does with its random state.
+    """
+    if not 0 <= n_heldout <= n_items:
+        raise ValueError(f"cannot hold out {n_heldout} of {n_items} items")
+    heldout = set(random.Random(seed).sample(range(n_items), n_heldout))
+    return [i for i in range(n_items) if i not in heldout], sorted(heldout)
+
+
+# --------------------------------------------------------------------------- Tülu v2 (hub)
+
+TULU_ROLES = ("system", "user", "assistant")
+
+
+def tulu_example(messages: Sequence[dict]) -> Example | None:
+    """A Tülu v2 conversation in open-instruct's chat format, loss on every assistant turn.
+
+    Text: ``<|user|>\\n{user}\\n<|assistant|>\\n{assistant}</s>\\n<|user|>\\n…`` (contents stripped,
+    ``<|system|>`` likewise). The ``<|assistant|>\\n`` header is untrained, the reply and its EOS
+    are trained. One difference from open-instruct: the newline after each EOS starts the next
+    untrained segment instead of being trained. Messages after the last assistant turn carry no
+    loss and are dropped; a conversation without one gives None.
+    """
+    segments: list[Segment] = []
+    pending = ""
+    for message in messages:
+        role, content = message["role"], message["content"].strip()
+        if role not in TULU_ROLES:
+            raise ValueError(f"unknown Tülu role {role!r}; expected one of {TULU_ROLES}")
+        if role == "assistant":
+            segments += [Segment(pending + "<|assistant|>\n", False), Segment(content, True)]
+            pending = "\n"
+        else:
+            pending += f"<|{role}|>\n{content}\n"
+    return tuple(segments) or None
+
+
+def load_tulu_v2(load_dataset: Callable, name: str = TULU_V2, split: str = "train") -> list[Example]:
+    """Every Tülu v2 conversation (``messages`` rows) with at least one assistant turn."""
+    examples = (tulu_example(row["messages"]) for row in load_dataset(name, split=split))
+    return [example for example in examples if example is not None]
+
+
+# --------------------------------------------------------------------------- Alpaca prompts
+
+# Stanford Alpaca's two prompts; the local file's `text` field is exactly prompt + output, which
+# the tests check on all 100 rows.
+ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately "
+                 "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+ALPACA_PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
+                            "further context. Write a response that appropriately completes the request.\n\n"
+                            "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+
+
+def alpaca_prompt(instruction: str, input: str = "") -> str:
+    if input:
+        return ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
+    return ALPACA_PROMPT.format(instruction=instruction)
+
+
+def load_alpaca(data_root: str | Path = DEFAULT_DATA_ROOT, path: str = ALPACA_FILE) -> list[tuple[str, str]]:
+    """(Alpaca prompt, output) pairs of a local Alpaca JSON list (instruction, input, output)."""
+    (file,) = verify_files(data_root, [path])
+    return [(alpaca_prompt(row["instruction"], row["input"]), row["output"]) for row in json.loads(file.read_text())]
+
+
+# ------------------------------------------------------------------------------- MetaMathQA
+
+# MetaMath trains with Alpaca's no-input prompt, the question in place of the instruction (the
+# brief's statement of its train_math.py, which our code index does not hold). Its evaluation
+# prompt is different: eval_gsm8k.py and the README (meta-math/MetaMath) end the prompt with
+# "### Response: Let's think step by step." and read the number after "The answer is: ".
+METAMATH_PROMPT = ALPACA_PROMPT
+METAMATH_EVAL_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately "
+                        "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response: "
+                        "Let's think step by step.")
+
+
+def metamath_pair(query: str, response: str) -> tuple[str, str]:
+    return METAMATH_PROMPT.format(instruction=query), response
+
+
+def load_metamathqa(load_dataset: Callable, name: str = METAMATHQA, split: str = "train") -> list[tuple[str, str]]:
+    """MetaMathQA's (query, response) rows as prompt/response pairs."""
+    return [metamath_pair(row["query"], row["response"]) for row in load_dataset(name, split=split)]
+
+
+# ------------------------------------------------------------------------------------ GSM8K
+
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+_GSM8K_FINAL = "####"
+
+
+def load_gsm8k(split: str, data_root: str | Path = DEFAULT_DATA_ROOT) -> list[dict]:
+    """Rows (``question``, ``answer``) of the local GSM8K ``train`` or ``test`` file."""
+    if split not in GSM8K_FILES:
+        raise ValueError(f"GSM8K split must be one of {tuple(GSM8K_FILES)}, got {split!r}")
+    (file,) = verify_files(data_root, [GSM8K_FILES[split]])
+    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+
+
+def gsm8k_to_metamath(answer: str) -> str:
+    """A GSM8K solution in MetaMathQA's answer style, so the mini math task trains like MetaMath.
+
+    The ``<<48/2=24>>`` calculator annotations go (they are tool calls, not text a model should
+    write) and the final ``#### N`` line becomes ``The answer is: N``.
+    """
+    body, sep, final = answer.rpartition(_GSM8K_FINAL)
+    if not sep:
+        raise ValueError(f"a GSM8K answer ends with '#### N'; got {answer[-80:]!r}")
+    return f"{_CALCULATOR.sub('', body).rstrip()}\nThe answer is: {final.strip()}"
+
+
+def gsm8k_pairs(rows: Iterable[dict]) -> list[tuple[str, str]]:
+    """(MetaMath prompt, MetaMath-style answer) pairs of GSM8K rows."""
+    return [metamath_pair(row["question"], gsm8k_to_metamath(row["answer"])) for row in rows]
+
+
+# -------------------------------------------------------------------------- answer extraction
+
+_ANSWER_MARK = re.compile(r"The answer is\s*:?", re.IGNORECASE)
+# thousands commas only in groups of three, so "1, 2" is not read as 12
+_NUMBER = re.compile(r"[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+)(?:\s*/\s*\d+(?:\.\d+)?)?")
+_LATEX_FRAC = re.compile(r"^([-+]?)\\[dt]?frac\{\s*([-+]?[\d.]+)\s*\}\{\s*([-+]?[\d.]+)\s*\}")
+
+
+def normalize_number(text: str) -> str | None:
+    """The exact value of a number written as in math answers, canonical, or None if not one.
+
+    "$1,234.50", "1234.5", "2469/2" all give "2469/2"; "-3.0" gives "-3". Dollar signs, thousands
+    commas, spaces, a trailing period or "%" are ignored; the result is an integer or a reduced
+    fraction p/q, so equal values compare equal as strings (MetaMath's own scorer rounds to the
+    nearest integer, which agrees on GSM8K's integer answers).
+    """
+    cleaned = text.strip().replace("\u2212", "-").replace("\\$", "").replace("$", "").replace(",", "")
+    cleaned = cleaned.replace(" ", "").rstrip(".").removesuffix("%")
+    latex = _LATEX_FRAC.match(cleaned)
+    if latex and latex.end() == len(cleaned):
+        cleaned = f"{latex.group(1)}{latex.group(2)}/{latex.group(3)}"
+    try:
+        value = Fraction(cleaned)
+    except (ValueError, ZeroDivisionError):
+        return None
+    return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
+
+
+def extract_metamath_answer(text: str) -> str | None:
+    """The answer after the last "The answer is:" in ``text``; None when there is none.
+
+    A leading number (after "$"; with commas, sign, decimals, "a/b" or ``\\frac{a}{b}``; units or
+    words after it ignored) is returned normalised by :func:`normalize_number`. Otherwise (MATH's
+    symbolic answers) the rest of the line is returned as written, less a trailing period.
+    """
+    marks = list(_ANSWER_MARK.finditer(text))
+    if not marks:
+        return None
+    rest = text[marks[-1].end():].strip().split("\n", 1)[0].strip()
+    unprefixed = rest.replace("\\$", "").lstrip("$ ").replace("\u2212", "-")
+    latex = _LATEX_FRAC.match(unprefixed)
+    if latex:
+        return normalize_number(latex.group(0))
+    number = _NUMBER.match(unprefixed)
+    if number:
+        return normalize_number(number.group(0))
+    rest = rest.rstrip(".").strip()
+    return rest or None
+
+
+def extract_gsm8k_answer(answer: str) -> str | None:
+    """The normalised number after GSM8K's final "#### "; None when absent."""
+    _, sep, final = answer.rpartition(_GSM8K_FINAL)
+    return normalize_number(final) if sep else None
+
+
+# -------------------------------------------------------------------------------- PubMedQA-L
+
+PUBMEDQA_DECISIONS = ("yes", "no", "maybe")
+
+
+@dataclass(frozen=True)
+class PubMedQAItem:
+    """One PubMedQA-L record: the question is the article's title, the contexts its abstract
+    without the conclusion, which is the long answer (Jin et al. 2019, Section 3)."""
+
+    pmid: str
+    question: str
+    contexts: tuple[str, ...]
+    long_answer: str
+    decision: str
+
+
+@dataclass(frozen=True)
+class ChoiceExample:
+    """A multiple-choice question: the option continuing ``prompt`` best is the prediction."""
+
+    prompt: str
+    options: tuple[str, ...]
+    answer_index: int
+
+
+def load_pubmedqa(data_root: str | Path = DEFAULT_DATA_ROOT, path: str = PUBMEDQA_FILE) -> list[PubMedQAItem]:
+    """All PubMedQA-L items, ordered by PMID (so splits do not depend on the file's key order)."""
+    (file,) = verify_files(data_root, [path])
+    raw = json.loads(file.read_text())
+    items = [PubMedQAItem(pmid, row["QUESTION"], tuple(row["CONTEXTS"]), row["LONG_ANSWER"], row["final_decision"])
+             for pmid, row in raw.items()]
+    bad = [item.pmid for item in items if item.decision not in PUBMEDQA_DECISIONS]
+    if bad:
+        raise ValueError(f"PubMedQA items {bad[:5]} have a final_decision outside {PUBMEDQA_DECISIONS}")
+    return sorted(items, key=lambda item: int(item.pmid))
+
+
+def split_pubmedqa(items: Sequence[PubMedQAItem], n_heldout: int = 500,
+                   seed: int = 0) -> tuple[list[PubMedQAItem], list[PubMedQAItem]]:
+    """(abstract items, question items): disjoint, so no evaluated abstract is ever trained on.
+
+    The training side gives continual-pretraining text (its abstracts); the held-out side gives
+    the evaluation questions and the held-out text for perplexity. 500 of 1,000 mirrors
+    PubMedQA-L's own 500/500 split (its official test ids are not in the offline data).
+    """
+    train, heldout = split_heldout(len(items), n_heldout, seed)
+    return [items[i] for i in train], [items[i] for i in heldout]
+
+
+def pubmedqa_abstract(item: PubMedQAItem, with_conclusion: bool = True) -> str:
+    """The abstract as raw domain text: the context sections, then (by default) the conclusion.
+
+    With the conclusion the text is the whole abstract, as a PubMed abstract in the Pile is; only
+    training items are used this way, so the conclusions of evaluated questions stay unseen.
+    """
+    parts = [*item.contexts, item.long_answer] if with_conclusion else list(item.contexts)
+    return " ".join(part.strip() for part in parts if part.strip())
+
+
+def pubmedqa_prompt(item: PubMedQAItem) -> str:
+    """PubMedQA's reasoning-required setting: the contexts and the question, no conclusion."""
+    context = " ".join(part.strip() for part in item.contexts)
+    return f"Context: {context}\nQuestion: {item.question}\nAnswer (yes, no or maybe):"
+
+
+def pubmedqa_choice(item: PubMedQAItem) -> ChoiceExample:
+    return ChoiceExample(pubmedqa_prompt(item), PUBMEDQA_DECISIONS, PUBMEDQA_DECISIONS.index(item.decision))
+
+
+def pubmedqa_pair(item: PubMedQAItem) -> tuple[str, str]:
+    """The question with its gold decision as a (prompt, response) pair."""
+    return pubmedqa_prompt(item), item.decision
