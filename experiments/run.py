@@ -61,7 +61,7 @@ def execute(cfg: DictConfig) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True) | {"resolved": {
         "lr": run.lr, "out_dir": str(run.out_dir), "effective_rank": run.rank.rank,
         "rank_representable": run.rank.representable, "rank_mapping": run.rank.describe(),
-        "scheduler": run.train.scheduler}}
+        "scheduler": run.train.scheduler, "alpha": run.adapter.alpha}}
     record = RunRecord.create(run.out_dir, config, resume=run.resume, ignore_on_resume=RESUMABLE_KEYS)
     tracker = make_tracker(run.logger.get("kind", "none"), **_tracker_kwargs(run, config))
     start, status = time.time(), "completed"
@@ -70,6 +70,7 @@ def execute(cfg: DictConfig) -> dict:
                       resume=run.resume, merge_every=run.merge_every, group_switch=run.group_switch)
         if run.singular_values:
             _save_delta_spectra(run, model)
+        final |= run_benchmarks(run, model, task.tokenizer)
     except DivergedError as err:
         final, status = {"error": str(err)}, "diverged"
     finally:
@@ -100,7 +101,28 @@ def make_task(run: RunConfig, tokenizer):
         if tokenizer is None:  # pretraining from scratch: the task's own tokenizer (t5-base or a BPE)
             tokenizer = build_tokenizer(run.task, run.data_root)
         return C4Task(run.task, tokenizer, run.train.batch_size, run.seed, run.data_root)
-    return UUIDTask(run.task, tokenizer, run.train.batch_size, run.seed)
+    if run.task.name == "uuid":
+        return UUIDTask(run.task, tokenizer, run.train.batch_size, run.seed)
+    from experiments.finetune_task import build_finetune_task
+
+    return build_finetune_task(run.task, tokenizer, run.train.batch_size, run.seed, run.data_root)
+
+
+def run_benchmarks(run: RunConfig, model, tokenizer) -> dict[str, float]:
+    """The task's lm-eval benchmarks on the trained model, in process (Section 5.2); results go to
+    ``eval_results.json`` in the run folder and the returned metrics into the summary."""
+    tasks = getattr(run.task, "lm_eval_tasks", ())
+    if not tasks:
+        return {}
+    from experiments.evaluation import evaluate_with_lm_eval, save_eval_results
+
+    results = evaluate_with_lm_eval(
+        model, tokenizer, tasks, data_root=run.data_root, num_fewshot=run.task.lm_eval_fewshot,
+        limit=run.task.lm_eval_limit, batch_size=run.task.lm_eval_batch_size,
+        max_gen_toks=run.task.lm_eval_max_gen_toks)
+    path = save_eval_results(run.out_dir, results)
+    print(f"lm-eval {', '.join(tasks)} -> {path}")
+    return {f"lm_eval/{k}": v for k, v in results["metrics"].items()}
 
 
 def _save_delta_spectra(run: RunConfig, model) -> None:

@@ -21,7 +21,8 @@ DEVICES = ("auto", "cpu", "cuda")
 SCHEDULERS = ("linear", "cosine", "constant")  # jagged_cosine is derived from the method (ReLoRA/ReMoRA)
 DTYPES = ("float32", "bfloat16")
 LOGGERS = ("none", "wandb")
-TASKS = ("uuid", "c4")
+TASKS = ("uuid", "c4", "metamath", "tulu", "biomed", "finance")
+FINETUNE_TASKS = ("metamath", "tulu", "biomed", "finance")  # Section 5.2, Table 1 columns
 
 
 def _choice(field: str, value, allowed) -> None:
@@ -207,6 +208,10 @@ def _task_spec(cfg: DictConfig):
         from experiments.c4_task import C4TaskSpec  # tokenizers/datasets only when the task needs them
 
         return C4TaskSpec.from_dict(t)
+    if t["name"] in FINETUNE_TASKS:
+        from experiments.finetune_task import FinetuneTaskSpec
+
+        return FinetuneTaskSpec.from_dict(t)
     _positive("task.n_pairs", t["n_pairs"])
     _positive("task.eval_batch_size", t["eval_batch_size"])
     if t.get("eval_pairs") is not None:
@@ -218,14 +223,18 @@ def _task_spec(cfg: DictConfig):
 LOOP_FIELDS = ("merge_every", "group_switch", "jagged_schedule", "restart_warmup_steps")
 
 
-def _adapter_config(cfg: DictConfig, rank: int) -> AdapterConfig:
+def _adapter_config(cfg: DictConfig, rank: RankMapping) -> AdapterConfig:
     m = OmegaConf.to_container(cfg.method, resolve=True)
     fields = set(AdapterConfig.__dataclass_fields__) - {"method", "rank", "extra"}
     known = fields | {"name", *LOOP_FIELDS}
     unknown = sorted(set(m) - known)
     if unknown:
         raise ValueError(f"method has unknown fields {unknown}; allowed: {sorted(known)}")
-    return AdapterConfig(method=m["name"], rank=rank, **{k: v for k, v in m.items() if k in fields})
+    values = {k: v for k, v in m.items() if k in fields}
+    if values.get("alpha") is not None and rank.rank != rank.paper_rank:
+        # α/r is LoRA's effective step size: keep the paper's ratio when the rank is mapped
+        values["alpha"] = float(values["alpha"]) * rank.rank / rank.paper_rank
+    return AdapterConfig(method=m["name"], rank=rank.rank, **values)
 
 
 def _learning_rate(cfg: DictConfig, method: str) -> float:
@@ -263,7 +272,7 @@ def build_run_config(cfg: DictConfig, cuda_available: bool) -> RunConfig:
         raise ValueError(f"model={model.name} is a paper-scale model (model.requires_gpu=true) and needs a GPU; "
                          "use scale=mini on a CPU machine")
     rank = map_rank(cfg.rank, model.hidden_size, cfg.rank_mapping.reference_width)
-    adapter = _adapter_config(cfg, rank.rank)
+    adapter = _adapter_config(cfg, rank)
     merge_every, group_switch, jagged, restart_warmup = _method_restarts(
         OmegaConf.to_container(cfg.method, resolve=True))
     if group_switch != "none" and (adapter.layer_kind != "mora" or adapter.operator != "share"):
