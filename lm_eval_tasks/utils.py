@@ -1,0 +1,424 @@
+"""Data, prompts, answers, held-out splits and AdaptLLM scoring of our lm-eval tasks (README.md).
+
+lm-eval loads this file by path (``!function utils.<name>`` in a YAML beside it); the training side
+imports it as ``lm_eval_tasks.utils`` for the same prompts and splits. Everything is a pure
+function: the task settings arrive as keyword arguments.
+
+Local data. A ``custom_dataset`` function is called by lm-eval with the task's ``metadata`` and
+``dataset_kwargs`` as keyword arguments (lm_eval.api.task.ConfigurableTask.download), and
+``TaskManager(metadata=...)`` adds its metadata to every task. So ``data_root`` (the offline data
+folder) is passed once to the TaskManager by experiments/evaluation.py and reaches every loader
+here as an absolute path; a YAML ``data_files`` entry would resolve against the working
+directory instead. Every file is checked against SHA256SUMS before it is read. The same
+mechanism hands the evaluated model's ``tokenizer`` and window (``max_length``) to the tasks
+whose metric is per token.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from fractions import Fraction
+from pathlib import Path
+
+import datasets
+
+from experiments.offline_data import DEFAULT_DATA_ROOT, verify_files
+
+GSM8K_TEST = "finetune/gsm8k_test.jsonl"
+PUBMEDQA_FILE = "finetune/pubmedqa_ori_pqal.json"
+ALPACA_FILE = "finetune/alpaca_tiny.json"
+
+# Alpaca's templates (Taori et al. 2023). MetaMath (Yu et al. 2023) trains with the no-input one,
+# the question as the instruction, so a MetaMath-tuned model is prompted with exactly that.
+ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately "
+                 "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+ALPACA_PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
+                            "further context. Write a response that appropriately completes the request.\n\n"
+                            "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+METAMATH_PROMPT = ALPACA_PROMPT
+PUBMEDQA_DECISIONS = ("yes", "no", "maybe")
+HELDOUT_EVERY = 5  # item i (in a fixed order) is held out for evaluation iff i % HELDOUT_EVERY == 0
+
+
+def metamath_prompt(doc: dict) -> str:
+    """The MetaMath prompt of a GSM8K (``question``) or MATH (``problem``) record."""
+    return METAMATH_PROMPT.format(instruction=doc["question"] if "question" in doc else doc["problem"])
+
+
+def alpaca_prompt(instruction: str, input: str = "") -> str:
+    if input:
+        return ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
+    return ALPACA_PROMPT.format(instruction=instruction)
+
+
+# ------------------------------------------------------------------------------ answers
+
+_ANSWER_MARK = re.compile(r"The answer is\s*:?", re.IGNORECASE)
+# a leading number: sign, thousands groups of three (so "1, 2" is not 12), decimals, or a/b
+_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:/\d+)?")
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+
+
+def extract_metamath_answer(completion: str) -> str | None:
+    """The text after the last "The answer is:" of ``completion``, to the end of that line.
+
+    MetaMath's answers end with "The answer is: X" and its scorer reads X (eval_gsm8k.py /
+    eval_math.py of meta-math/MetaMath); None when the mark is missing, which scores as wrong.
+    The canonical extractor of this repo: training-side code should import it from here.
+    """
+    marks = list(_ANSWER_MARK.finditer(completion))
+    if not marks:
+        return None
+    answer = completion[marks[-1].end():].strip().split("\n", 1)[0].strip().rstrip(".").strip()
+    return answer or None
+
+
+def normalize_number(text: str | None) -> str | None:
+    """The exact value of the number ``text`` starts with, canonical ("1,234.50" → "2469/2",
+    "$18" → "18", "-3.0" → "-3"); None if it starts with none. Units or words after it are ignored."""
+    if text is None:
+        return None
+    cleaned = text.replace("\\$", "").replace("$", "").replace("\u2212", "-").strip()
+    match = _NUMBER.match(cleaned)
+    if not match or not any(c.isdigit() for c in match.group(0)):
+        return None
+    try:
+        value = Fraction(match.group(0).replace(",", ""))
+    except (ValueError, ZeroDivisionError):
+        return None
+    return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
+
+
+def gsm8k_gold(answer: str) -> str:
+    """The normalised number after GSM8K's final "#### "."""
+    _, mark, final = answer.rpartition("####")
+    gold = normalize_number(final) if mark else None
+    if gold is None:
+        raise ValueError(f"a GSM8K answer ends with '#### N'; got {answer[-80:]!r}")
+    return gold
+
+
+def metamath_style_answer(answer: str) -> str:
+    """A GSM8K solution as MetaMathQA writes its answers: the ``<<4*2=8>>`` calculator calls
+    removed, the final ``#### N`` line replaced by ``The answer is: N``."""
+    body, mark, final = answer.rpartition("####")
+    if not mark:
+        raise ValueError(f"a GSM8K answer ends with '#### N'; got {answer[-80:]!r}")
+    return f"{_CALCULATOR.sub('', body).rstrip()}\nThe answer is: {final.strip()}"
+
+
+def gsm8k_metamath_results(doc: dict, results: list[str]) -> dict:
+    """exact_match: the number after "The answer is:" equals the reference's (MetaMath's rule)."""
+    predicted = normalize_number(extract_metamath_answer(results[0]))
+    return {"exact_match": int(predicted is not None and predicted == doc["gold"])}
+
+
+def math_metamath_results(doc: dict, results: list[str]) -> dict:
+    """exact_match on MATH: the text after "The answer is:" equals the boxed reference answer
+    under Hendrycks et al.'s string normalisation (lm-eval's hendrycks_math implementation)."""
+    from lm_eval.tasks.hendrycks_math.utils import is_equiv, last_boxed_only_string, remove_boxed
+
+    predicted = extract_metamath_answer(results[0])
+    gold = remove_boxed(last_boxed_only_string(doc["solution"]))
+    return {"exact_match": int(predicted is not None and is_equiv(predicted, gold))}
+
+
+# ------------------------------------------------------------------------------ held-out splits
+
+def is_heldout(index: int, every: int = HELDOUT_EVERY) -> bool:
+    return index % every == 0
+
+
+def pubmedqa_ids(data: dict) -> list[str]:
+    """The PMIDs of PubMedQA-L's ``{pmid: record}`` in numeric order (not the file's key order)."""
+    return sorted(data, key=int)
+
+
+def pubmedqa_eval_ids(data: dict, every: int = HELDOUT_EVERY) -> list[str]:
+    """PMIDs evaluated by ``pubmedqa_local`` and ``pubmed_abstracts_ppl``: every ``every``-th of
+    the numerically sorted PMIDs, from the first (200 of 1,000 at every=5).
+
+    A continual-pretraining run on these abstracts must leave these out (use
+    :func:`pubmedqa_train_ids`), or the evaluation measures memorised text.
+    """
+    return [pmid for i, pmid in enumerate(pubmedqa_ids(data)) if is_heldout(i, every)]
+
+
+def pubmedqa_train_ids(data: dict, every: int = HELDOUT_EVERY) -> list[str]:
+    """The complement of :func:`pubmedqa_eval_ids`: the abstracts training may use."""
+    return [pmid for i, pmid in enumerate(pubmedqa_ids(data)) if not is_heldout(i, every)]
+
+
+def pubmed_abstract(record: dict) -> str:
+    """A PubMedQA-L record's whole abstract: its context sections, then the conclusion (the long
+    answer), as a PubMed abstract appears in the Pile's continual-pretraining text."""
+    parts = [*record["CONTEXTS"], record["LONG_ANSWER"]]
+    return " ".join(part.strip() for part in parts if part.strip())
+
+
+def pubmedqa_prompt(record: dict) -> str:
+    """PubMedQA's reasoning-required setting (Jin et al. 2019): contexts and question, no conclusion."""
+    context = " ".join(part.strip() for part in record["CONTEXTS"])
+    return f"Context: {context}\nQuestion: {record['QUESTION']}\nAnswer (yes, no or maybe):"
+
+
+def alpaca_eval_indices(n_items: int, every: int = HELDOUT_EVERY) -> list[int]:
+    """Indices of the Alpaca examples ``alpaca_local_nll`` scores (instruction tuning must skip them)."""
+    return [i for i in range(n_items) if is_heldout(i, every)]
+
+
+# ------------------------------------------------------------------------------ token counts
+
+def continuation_token_counts(tokenizer, contexts: Sequence[str], continuations: Sequence[str]) -> list[int]:
+    """How many tokens lm-eval scores for each (context, continuation) loglikelihood request.
+
+    Mirrors lm-eval's ``_encode_pair`` for causal models: trailing whitespace of the context moves
+    to the continuation, the joined text and the context are encoded, and the continuation is the
+    difference. A per-token mean needs exactly these counts (lm-eval returns only the sum).
+    """
+    pairs = [(c.rstrip(), c[len(c.rstrip()):] + x) for c, x in zip(contexts, continuations, strict=True)]
+    whole = tokenizer([c + x for c, x in pairs], add_special_tokens=False)["input_ids"]
+    context = tokenizer([c for c, _ in pairs], add_special_tokens=False)["input_ids"]
+    return [len(w) - len(c) for w, c in zip(whole, context)]
+
+
+def require_tokenizer(tokenizer, task: str):
+    if tokenizer is None:
+        raise ValueError(f"{task} reports per-token metrics and needs the evaluated model's tokenizer: pass "
+                         "TaskManager(metadata={'tokenizer': <tokenizer>}) (experiments/evaluation.py does)")
+    return tokenizer
+
+
+def mean_nll(items: list[tuple[float, int]]) -> float:
+    """Token-weighted mean negative log-likelihood (nats per token) of (loglikelihood, tokens) pairs."""
+    return -sum(ll for ll, _ in items) / sum(n for _, n in items)
+
+
+def token_perplexity(items: list[tuple[float, int]]) -> float:
+    return math.exp(mean_nll(items))
+
+
+def answer_nll_results(doc: dict, results: list[tuple[float, bool]]) -> dict:
+    """Per-request (loglikelihood, scored tokens, bytes) for the corpus-level aggregations."""
+    (loglikelihood, _), = results
+    pair = (loglikelihood, doc["n_target_tokens"])
+    return {"nll_per_token": pair, "token_perplexity": pair,
+            "bits_per_byte": (loglikelihood, len(doc["target"].encode("utf-8")))}
+
+
+# ------------------------------------------------------------------------------ loaders (custom_dataset)
+
+def _local_file(data_root, relative: str) -> Path:
+    (path,) = verify_files(data_root or DEFAULT_DATA_ROOT, [relative])
+    return path
+
+
+def _test_split(rows: list[dict]) -> datasets.DatasetDict:
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+
+
+def _with_target_tokens(rows: list[dict], tokenizer, task: str, max_length: int | None) -> list[dict]:
+    """``rows`` with the tokens lm-eval scores in each target; with ``max_length`` (the model's
+    window, from experiments/evaluation.py) only rows whose prompt and target fit in it whole:
+    lm-eval would cut a longer prompt from the left, or fail on a target longer than the window,
+    and an NLL given half a prompt is not comparable. The same rows for every model of one base."""
+    tokenizer = require_tokenizer(tokenizer, task)
+    prompts, targets = [r["prompt"] for r in rows], [r["target"] for r in rows]
+    counts = continuation_token_counts(tokenizer, prompts, targets)
+    rows = [row | {"n_target_tokens": n} for row, n in zip(rows, counts)]
+    if max_length is None:
+        return rows
+    lengths = [len(ids) for ids in tokenizer([p + t for p, t in zip(prompts, targets)])["input_ids"]]
+    return [row for row, n in zip(rows, lengths) if n <= max_length]
+
+
+def gsm8k_row(record: dict) -> dict:
+    """A GSM8K record (``question``, ``answer``) with its MetaMath prompt, the normalised gold
+    number and the reference solution rewritten MetaMath-style (the NLL target)."""
+    return {"question": record["question"], "prompt": metamath_prompt(record), "gold": gsm8k_gold(record["answer"]),
+            "target": metamath_style_answer(record["answer"])}
+
+
+def process_gsm8k_docs(dataset: datasets.Dataset) -> datasets.Dataset:
+    """The hub's ``openai/gsm8k`` test split, given the same fields as the offline copy."""
+    return dataset.map(gsm8k_row, remove_columns=dataset.column_names)
+
+
+def load_gsm8k_test(data_root=None, tokenizer=None, count_tokens: bool = False, max_length: int | None = None,
+                    **_) -> datasets.DatasetDict:
+    """GSM8K's 1,319 test problems (offline copy) as :func:`gsm8k_row`; with ``count_tokens`` also
+    the tokens lm-eval scores in the target (``gsm8k_local_answer_nll``; see _with_target_tokens)."""
+    lines = _local_file(data_root, GSM8K_TEST).read_text(encoding="utf-8").splitlines()
+    rows = [gsm8k_row(json.loads(line)) for line in lines if line.strip()]
+    if count_tokens:
+        rows = _with_target_tokens(rows, tokenizer, "gsm8k_local_answer_nll", max_length)
+    return _test_split(rows)
+
+
+def _pubmedqa_eval_records(data_root, every: int) -> list[tuple[str, dict]]:
+    data = json.loads(_local_file(data_root, PUBMEDQA_FILE).read_text(encoding="utf-8"))
+    return [(pmid, data[pmid]) for pmid in pubmedqa_eval_ids(data, every)]
+
+
+def load_pubmedqa_eval(data_root=None, heldout_every: int = HELDOUT_EVERY, **_) -> datasets.DatasetDict:
+    """The held-out PubMedQA-L questions (:func:`pubmedqa_eval_ids`) with prompt and gold index."""
+    rows = [{"pmid": pmid, "prompt": pubmedqa_prompt(r), "label": PUBMEDQA_DECISIONS.index(r["final_decision"])}
+            for pmid, r in _pubmedqa_eval_records(data_root, heldout_every)]
+    return _test_split(rows)
+
+
+def load_pubmed_abstracts(data_root=None, heldout_every: int = HELDOUT_EVERY, **_) -> datasets.DatasetDict:
+    """The whole abstracts of the held-out PubMedQA-L items, for rolling perplexity."""
+    rows = [{"pmid": pmid, "text": pubmed_abstract(r)} for pmid, r in _pubmedqa_eval_records(data_root, heldout_every)]
+    return _test_split(rows)
+
+
+def load_alpaca_heldout(data_root=None, tokenizer=None, heldout_every: int = HELDOUT_EVERY,
+                        max_length: int | None = None, **_) -> datasets.DatasetDict:
+    """The held-out Alpaca examples (:func:`alpaca_eval_indices`): Alpaca prompt and reference
+    response, with the scored token counts (see _with_target_tokens)."""
+    data = json.loads(_local_file(data_root, ALPACA_FILE).read_text(encoding="utf-8"))
+    rows = [{"index": i, "prompt": alpaca_prompt(data[i]["instruction"], data[i]["input"]),
+             "target": data[i]["output"]} for i in alpaca_eval_indices(len(data), heldout_every)]
+    return _test_split(_with_target_tokens(rows, tokenizer, "alpaca_local_nll", max_length))
+
+
+# ------------------------------------------------------------------------------ AdaptLLM (Tables 6-7)
+# AdaptLLM's evaluation sets (Cheng et al. 2024; microsoft/LMOps, adaptllm/) hold a complete prompt
+# in ``input``, few-shot demonstrations included. Classification records add ``options`` and
+# ``gold_index``: AdaptLLM's scorer appends " " + option and predicts the option with the lowest
+# MEAN negative log-likelihood per token (adaptllm/inference.py), which lm-eval's acc (sum) and
+# acc_norm (per character) are not; the token counts come from the tokenizer at load time.
+# Generation records (ConvFinQA, NER) hold ``label``: greedy decoding to the first newline.
+
+ADAPTLLM_REPOS = {"medicine": "AdaptLLM/medicine-tasks", "finance": "AdaptLLM/finance-tasks"}
+
+
+def load_adaptllm(domain: str, subset: str, tokenizer=None, adaptllm_root=None, **_) -> datasets.DatasetDict:
+    """The test split of AdaptLLM's ``subset`` of ``domain``: from the hub, or from
+    ``<adaptllm_root>/<subset>.jsonl`` (a local copy with the same records) when that is given.
+    Multiple-choice records get ``option_tokens``: the tokens lm-eval scores for each option."""
+    if adaptllm_root:
+        lines = (Path(adaptllm_root) / f"{subset}.jsonl").read_text(encoding="utf-8").splitlines()
+        test = datasets.Dataset.from_list([json.loads(line) for line in lines if line.strip()])
+    else:
+        test = datasets.load_dataset(ADAPTLLM_REPOS[domain], subset, split="test")
+    if "options" in test.column_names:
+        tokenizer = require_tokenizer(tokenizer, f"AdaptLLM {subset}")
+        test = test.add_column("option_tokens", _option_token_counts(tokenizer, test["input"], test["options"]))
+    return datasets.DatasetDict({"test": test})
+
+
+def _option_token_counts(tokenizer, inputs: list[str], options: list[list[str]]) -> list[list[int]]:
+    contexts = [text for text, opts in zip(inputs, options) for _ in opts]
+    flat = continuation_token_counts(tokenizer, contexts, [" " + o for opts in options for o in opts])
+    counts, start = [], 0
+    for opts in options:
+        counts.append(flat[start:start + len(opts)])
+        start += len(opts)
+    return counts
+
+
+def mean_token_choice(doc: dict, results: list[tuple[float, bool]]) -> int:
+    """AdaptLLM's prediction: the option of highest mean log-likelihood per token (first on ties)."""
+    means = [ll / n for (ll, _), n in zip(results, doc["option_tokens"], strict=True)]
+    return max(range(len(means)), key=means.__getitem__)
+
+
+def adaptllm_acc_results(doc: dict, results) -> dict:
+    """PubMedQA, USMLE (accuracy) and RCT (micro-F1, which equals accuracy with one label each)."""
+    return {"acc": int(mean_token_choice(doc, results) == doc["gold_index"])}
+
+
+def adaptllm_f1_results(doc: dict, results) -> dict:
+    """FPB and FiQA SA: (gold, prediction) pairs for the weighted F1 over the whole set."""
+    pair = (doc["gold_index"], mean_token_choice(doc, results))
+    return {"weighted_f1": pair, "score": pair}
+
+
+def adaptllm_headline_results(doc: dict, results) -> dict:
+    """Headline: nine yes/no questions per headline, told apart by ``class_id``."""
+    item = (doc["class_id"], doc["gold_index"], mean_token_choice(doc, results))
+    return {"headline_f1": item, "score": item}
+
+
+def weighted_f1(items: list[tuple[int, int]]) -> float:
+    """F1 per class weighted by the class's support (sklearn's ``average="weighted"``, AdaptLLM's)."""
+    from sklearn.metrics import f1_score
+
+    gold, predicted = zip(*items)
+    return float(f1_score(gold, predicted, average="weighted"))
+
+
+def headline_f1(items: list[tuple[int, int, int]]) -> float:
+    """The mean over Headline's questions (class ids) of each question's weighted F1 (AdaptLLM's
+    compute_headline; it divides by 9, the number of questions, all present in the full test set)."""
+    by_class: dict[int, list[tuple[int, int]]] = {}
+    for class_id, gold, predicted in items:
+        by_class.setdefault(class_id, []).append((gold, predicted))
+    return sum(weighted_f1(pairs) for pairs in by_class.values()) / len(by_class)
+
+
+def _first_label(doc: dict) -> str:
+    label = doc["label"]
+    return label if isinstance(label, str) else label[0]
+
+
+# AdaptLLM's number pattern (src/utils/qa_utils.py): sign, thousands groups, decimals, exponent, "%"
+_CONVFINQA_NUMBER = re.compile(r"[-+]?[.]?\d+(?:,\d\d\d)*[.]?\d*(?:[eE][-+]?\d+)?%*")
+
+
+def convfinqa_numbers(text: str) -> list[float]:
+    """The numbers on the first line of ``text`` (an answer starting with a newline has none);
+    "12%" is 0.12; unparsable ones are inf (never equal)."""
+    values = []
+    for token in _CONVFINQA_NUMBER.findall(text.split("\n")[0].strip()):
+        digits = token.rstrip("%").replace(",", "")
+        try:
+            values.append(float(digits) / 100 ** (len(token) - len(token.rstrip("%"))))
+        except ValueError:
+            values.append(math.inf)
+    return values
+
+
+def convfinqa_results(doc: dict, results: list[str]) -> dict:
+    """Correct when any number of the answer's first line is within 0.01 of the reference's first."""
+    gold, predicted = convfinqa_numbers(" " + _first_label(doc)), convfinqa_numbers(results[0])
+    correct = bool(gold) and any(math.isclose(p, gold[0], abs_tol=1e-2) for p in predicted)
+    return {"exact_match": int(correct), "score": int(correct)}
+
+
+_NER_ENTITY = re.compile(r"(\S+)\s+\((\S+)\)")
+
+
+def ner_entities(text: str) -> list[tuple[str, str]]:
+    """The ``word (TYPE)`` pairs of an answer, first occurrences in order (AdaptLLM's parse_ner)."""
+    found = []
+    for entity in _NER_ENTITY.findall(text):
+        if entity not in found:
+            found.append(entity)
+    return found
+
+
+def ner_f1(gold: list[tuple[str, str]], predicted: list[tuple[str, str]]) -> float:
+    """Entity F1 on two axes, text and type, as nereval (MUC style; Nadeau and Sekine 2007) counts
+    it for AdaptLLM, whose entities all sit at offset 0 so that any two overlap: each gold entity
+    is matched with the first prediction sharing its text or its type and scores one per shared
+    axis; precision and recall divide by two per predicted and per gold entity."""
+    correct = 0
+    for text, kind in gold:
+        match = next(((t, k) for t, k in predicted if t == text or k == kind), None)
+        if match is not None:
+            correct += (match[0] == text) + (match[1] == kind)
+    precision = correct / (2 * len(predicted)) if predicted else 0.0
+    recall = correct / (2 * len(gold)) if gold else 0.0
+    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+
+
+def ner_results(doc: dict, results: list[str]) -> dict:
+    """Entity F1 of one answer; the task's score is its mean over the set (AdaptLLM's compute_ner)."""
+    f1 = ner_f1(ner_entities(_first_label(doc)), ner_entities(results[0]))
+    return {"entity_f1": f1, "score": f1}
