@@ -48,10 +48,7 @@ def load_run(run_dir: str | Path, device: str = "auto"):
         model.get_submodule(name).mora.set_groups(*groups)
     for name in ckpt["base_modified"]:  # ReLoRA/ReMoRA merged updates into these base weights
         model.get_submodule(name).base_weight_modified = True
-    if run.adapter.layer_kind is None:  # FFT saved the whole state dict, a tied lm_head.weight included
-        model.load_state_dict(ckpt["weights"])
-    else:
-        load_adapter_state_dict(model, ckpt["weights"])
+    load_adapter_state_dict(model, ckpt["weights"])  # FFT: every weight; adapters: theirs and the trained ones
     return model.to(run.device).eval(), tokenizer, run, ckpt["loop"]["step"]
 
 

@@ -7,7 +7,9 @@ abstracts made into reading comprehension by AdaptLLM (scored by PubMedQA and ot
 The hub datasets are read by functions that take a ``load_dataset``-like callable, so the same
 code runs on local stand-ins; the offline data gives the ``mini`` versions: GSM8K train rewritten
 in MetaMathQA's answer style, 100 Alpaca instructions, and PubMedQA-L's 1,000 abstracts and
-expert-labelled questions.
+expert-labelled questions. Which local items are held out for evaluation is one rule
+(:func:`is_heldout`: every fifth in a fixed order) that lm_eval_tasks/utils.py imports from here,
+with the prompts and the "The answer is: X" reader, so training never sees a scored item.
 
 An example is a tuple of :class:`Segment`. A plain (prompt, response) pair is two segments; a
 multi-turn conversation alternates untrained text (system and user turns, role headers) with
@@ -19,7 +21,6 @@ trained too: the model learns where its answer ends.
 from __future__ import annotations
 
 import json
-import random
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -62,16 +63,26 @@ def as_example(item: Example | tuple[str, str]) -> Example:
     return tuple(item)
 
 
-def split_heldout(n_items: int, n_heldout: int, seed: int) -> tuple[list[int], list[int]]:
-    """(train, held-out) indices of ``n_items``: a seeded random subset of ``n_heldout`` is held out.
+# --------------------------------------------------------------------------- held-out rule
 
-    Both lists are sorted and disjoint; the same (n_items, n_heldout, seed) gives the same split,
-    whatever else the run does with its random state.
+HELDOUT_EVERY = 5  # item i (in a fixed order) is held out for evaluation iff i % HELDOUT_EVERY == 0
+
+
+def is_heldout(index: int, every: int = HELDOUT_EVERY) -> bool:
+    """The repo's one held-out rule: every ``every``-th item of a fixed order, from the first.
+
+    Training (experiments/sft_task.py) and lm-eval (lm_eval_tasks/utils.py) both split with it,
+    so no item a benchmark scores is ever trained on.
     """
-    if not 0 <= n_heldout <= n_items:
-        raise ValueError(f"cannot hold out {n_heldout} of {n_items} items")
-    heldout = set(random.Random(seed).sample(range(n_items), n_heldout))
-    return [i for i in range(n_items) if i not in heldout], sorted(heldout)
+    return index % every == 0
+
+
+def split_heldout(n_items: int, every: int = HELDOUT_EVERY) -> tuple[list[int], list[int]]:
+    """(train, held-out) indices of ``n_items`` under :func:`is_heldout`: sorted, disjoint, complete."""
+    if not isinstance(every, int) or every < 2:
+        raise ValueError(f"every must be an integer >= 2 (1 would hold out everything), got {every!r}")
+    return ([i for i in range(n_items) if not is_heldout(i, every)],
+            [i for i in range(n_items) if is_heldout(i, every)])
 
 
 # --------------------------------------------------------------------------- Tülu v2 (hub)
@@ -131,6 +142,11 @@ def load_alpaca(data_root: str | Path = DEFAULT_DATA_ROOT, path: str = ALPACA_FI
     return [(alpaca_prompt(row["instruction"], row["input"]), row["output"]) for row in json.loads(file.read_text())]
 
 
+def alpaca_eval_indices(n_items: int, every: int = HELDOUT_EVERY) -> list[int]:
+    """Indices (file order) of the Alpaca examples ``alpaca_local_nll`` scores; training skips them."""
+    return split_heldout(n_items, every)[1]
+
+
 # ------------------------------------------------------------------------------- MetaMathQA
 
 # MetaMath trains with Alpaca's no-input prompt, the question in place of the instruction (the
@@ -184,53 +200,54 @@ def gsm8k_pairs(rows: Iterable[dict]) -> list[tuple[str, str]]:
 
 
 # -------------------------------------------------------------------------- answer extraction
+# The repo's one "The answer is: X" reader: lm_eval_tasks/utils.py scores GSM8K and MATH with it.
 
 _ANSWER_MARK = re.compile(r"The answer is\s*:?", re.IGNORECASE)
-# thousands commas only in groups of three, so "1, 2" is not read as 12
+# a leading number: sign, thousands commas only in groups of three (so "1, 2" is not 12),
+# decimals ("7.", ".5"), an optional "/ denominator"
 _NUMBER = re.compile(r"[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+)(?:\s*/\s*\d+(?:\.\d+)?)?")
-_LATEX_FRAC = re.compile(r"^([-+]?)\\[dt]?frac\{\s*([-+]?[\d.]+)\s*\}\{\s*([-+]?[\d.]+)\s*\}")
+_LATEX_FRAC = re.compile(r"([-+]?)\\[dt]?frac\{\s*([-+]?[\d.]+)\s*\}\{\s*([-+]?[\d.]+)\s*\}")
 
 
-def normalize_number(text: str) -> str | None:
-    """The exact value of a number written as in math answers, canonical, or None if not one.
+def extract_metamath_answer(completion: str) -> str | None:
+    """The text after the last "The answer is:" of ``completion``, to the end of that line, as
+    written less a trailing period; None when the mark is missing or nothing follows it.
 
-    "$1,234.50", "1234.5", "2469/2" all give "2469/2"; "-3.0" gives "-3". Dollar signs, thousands
-    commas, spaces, a trailing period or "%" are ignored; the result is an integer or a reduced
-    fraction p/q, so equal values compare equal as strings (MetaMath's own scorer rounds to the
-    nearest integer, which agrees on GSM8K's integer answers).
+    MetaMath's answers end with "The answer is: X" and its scorers read X (eval_gsm8k.py and
+    eval_math.py of meta-math/MetaMath). Kept as written because MATH compares symbolic answers
+    ("3\\sqrt{2}", "(1,2)"); GSM8K compares numbers through :func:`normalize_number`.
     """
-    cleaned = text.strip().replace("\u2212", "-").replace("\\$", "").replace("$", "").replace(",", "")
-    cleaned = cleaned.replace(" ", "").rstrip(".").removesuffix("%")
+    marks = list(_ANSWER_MARK.finditer(completion))
+    if not marks:
+        return None
+    answer = completion[marks[-1].end():].strip().split("\n", 1)[0].strip().rstrip(".").strip()
+    return answer or None
+
+
+def normalize_number(text: str | None) -> str | None:
+    """The exact value of the number ``text`` starts with, canonical; None if it starts with none.
+
+    "$1,234.50", "1234.5", "2469/2" and "\\frac{2469}{2}" all give "2469/2"; "-3.0" gives "-3".
+    Dollar signs and thousands commas are ignored, and so is whatever follows the number (units,
+    words, "%", a period). An integer or a reduced fraction p/q, so equal values compare equal
+    as strings (MetaMath's own scorer rounds to an integer, which agrees on GSM8K's answers).
+    """
+    if text is None:
+        return None
+    cleaned = text.replace("\\$", "").replace("$", "").replace("\u2212", "-").strip()
     latex = _LATEX_FRAC.match(cleaned)
-    if latex and latex.end() == len(cleaned):
-        cleaned = f"{latex.group(1)}{latex.group(2)}/{latex.group(3)}"
+    if latex:
+        numerator, denominator = latex.group(1) + latex.group(2), latex.group(3)
+    else:
+        number = _NUMBER.match(cleaned)
+        if not number:
+            return None
+        numerator, _, denominator = number.group(0).partition("/")
     try:
-        value = Fraction(cleaned)
+        value = Fraction(numerator.replace(",", "")) / Fraction(denominator or "1")
     except (ValueError, ZeroDivisionError):
         return None
     return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
-
-
-def extract_metamath_answer(text: str) -> str | None:
-    """The answer after the last "The answer is:" in ``text``; None when there is none.
-
-    A leading number (after "$"; with commas, sign, decimals, "a/b" or ``\\frac{a}{b}``; units or
-    words after it ignored) is returned normalised by :func:`normalize_number`. Otherwise (MATH's
-    symbolic answers) the rest of the line is returned as written, less a trailing period.
-    """
-    marks = list(_ANSWER_MARK.finditer(text))
-    if not marks:
-        return None
-    rest = text[marks[-1].end():].strip().split("\n", 1)[0].strip()
-    unprefixed = rest.replace("\\$", "").lstrip("$ ").replace("\u2212", "-")
-    latex = _LATEX_FRAC.match(unprefixed)
-    if latex:
-        return normalize_number(latex.group(0))
-    number = _NUMBER.match(unprefixed)
-    if number:
-        return normalize_number(number.group(0))
-    rest = rest.rstrip(".").strip()
-    return rest or None
 
 
 def extract_gsm8k_answer(answer: str) -> str | None:
@@ -277,16 +294,37 @@ def load_pubmedqa(data_root: str | Path = DEFAULT_DATA_ROOT, path: str = PUBMEDQ
     return sorted(items, key=lambda item: int(item.pmid))
 
 
-def split_pubmedqa(items: Sequence[PubMedQAItem], n_heldout: int = 500,
-                   seed: int = 0) -> tuple[list[PubMedQAItem], list[PubMedQAItem]]:
-    """(abstract items, question items): disjoint, so no evaluated abstract is ever trained on.
+def pubmedqa_ids(data: Iterable[str]) -> list[str]:
+    """PMIDs (the keys of PubMedQA-L's ``{pmid: record}``, or any iterable of them) in numeric
+    order: the fixed order of the held-out rule, whatever the file's key order."""
+    return sorted(data, key=int)
 
-    The training side gives continual-pretraining text (its abstracts); the held-out side gives
-    the evaluation questions and the held-out text for perplexity. 500 of 1,000 mirrors
-    PubMedQA-L's own 500/500 split (its official test ids are not in the offline data).
+
+def pubmedqa_eval_ids(data: Iterable[str], every: int = HELDOUT_EVERY) -> list[str]:
+    """PMIDs evaluated by ``pubmedqa_local`` and ``pubmed_abstracts_ppl`` (:func:`is_heldout` in
+    numeric order: 200 of 1,000 at every=5). Continual pretraining must leave their abstracts
+    out (:func:`pubmedqa_train_ids`), or the evaluation measures memorised text."""
+    ids = pubmedqa_ids(data)
+    return [ids[i] for i in split_heldout(len(ids), every)[1]]
+
+
+def pubmedqa_train_ids(data: Iterable[str], every: int = HELDOUT_EVERY) -> list[str]:
+    """The complement of :func:`pubmedqa_eval_ids`: the abstracts training may use."""
+    ids = pubmedqa_ids(data)
+    return [ids[i] for i in split_heldout(len(ids), every)[0]]
+
+
+def split_pubmedqa(items: Sequence[PubMedQAItem],
+                   every: int = HELDOUT_EVERY) -> tuple[list[PubMedQAItem], list[PubMedQAItem]]:
+    """(abstract items, question items) by :func:`pubmedqa_train_ids` / :func:`pubmedqa_eval_ids`.
+
+    The training side gives continual-pretraining text (its abstracts); the held-out side is
+    what lm-eval scores (questions, abstracts for perplexity) and the in-loop evaluation data.
     """
-    train, heldout = split_heldout(len(items), n_heldout, seed)
-    return [items[i] for i in train], [items[i] for i in heldout]
+    by_id = {item.pmid: item for item in items}
+    if len(by_id) != len(items):
+        raise ValueError("PubMedQA items repeat a PMID; the held-out rule needs each once")
+    return [by_id[i] for i in pubmedqa_train_ids(by_id, every)], [by_id[i] for i in pubmedqa_eval_ids(by_id, every)]
 
 
 def pubmedqa_abstract(item: PubMedQAItem, with_conclusion: bool = True) -> str:

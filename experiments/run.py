@@ -122,7 +122,10 @@ def run_benchmarks(run: RunConfig, model, tokenizer) -> dict[str, float]:
         max_gen_toks=run.task.lm_eval_max_gen_toks)
     path = save_eval_results(run.out_dir, results)
     print(f"lm-eval {', '.join(tasks)} -> {path}")
-    return {f"lm_eval/{k}": v for k, v in results["metrics"].items()}
+    # a limited evaluation scores the first N documents only: its keys say so, so a table read from
+    # summaries never mistakes a subset score for the benchmark's
+    prefix = "lm_eval" if run.task.lm_eval_limit is None else f"lm_eval_first{run.task.lm_eval_limit}"
+    return {f"{prefix}/{k}": v for k, v in results["metrics"].items()}
 
 
 def _save_delta_spectra(run: RunConfig, model) -> None:

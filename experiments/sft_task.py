@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from experiments.adaptllm import AdaptLLMConfig, convert_corpus, domain_keywords, mix_with_instructions
 from experiments.c4_task import evaluate_perplexity, pack_documents
-from experiments.finetune_data import (ChoiceExample, Example, as_example, gsm8k_pairs, load_alpaca,
-                                       load_gsm8k, load_pubmedqa, pubmedqa_abstract, pubmedqa_choice,
+from experiments.finetune_data import (HELDOUT_EVERY, ChoiceExample, Example, as_example, gsm8k_pairs,
+                                       load_alpaca, load_gsm8k, load_pubmedqa, pubmedqa_abstract, pubmedqa_choice,
                                        split_heldout, split_pubmedqa)
 from experiments.offline_data import DEFAULT_DATA_ROOT
 from experiments.uuid_task import batch_indices
@@ -308,42 +308,53 @@ class TextTask:
 
 # ------------------------------------------------------------------------ mini tasks (offline)
 
+def _first(items: Sequence, n: int, what: str) -> list:
+    """The first ``n`` of ``items`` (the in-loop evaluation subset); more than there are is an error."""
+    if n > len(items):
+        raise ValueError(f"task.n_eval={n} exceeds the {len(items)} {what}")
+    return list(items[:n])
+
+
 def gsm8k_task(tokenizer, batch_size: int, seed: int, max_len: int, n_eval: int = 200,
                data_root: str | Path = DEFAULT_DATA_ROOT, **kwargs) -> SFTTask:
-    """The mini math task: GSM8K train in MetaMath's format; ``n_eval`` test problems held out
-    (a seeded subset of the test file, which never overlaps the training file)."""
-    test = load_gsm8k("test", data_root)
-    _, heldout = split_heldout(len(test), n_eval, seed=0)  # fixed: every run and seed scores the same problems
+    """The mini math task: GSM8K train in MetaMath's format; the first ``n_eval`` problems of the
+    test file (which never overlaps the training file) scored in the loop."""
+    heldout = _first(load_gsm8k("test", data_root), n_eval, "GSM8K test problems")
     return SFTTask(gsm8k_pairs(load_gsm8k("train", data_root)), tokenizer, batch_size, seed, max_len,
-                   eval_examples=gsm8k_pairs(test[i] for i in heldout), **kwargs)
+                   eval_examples=gsm8k_pairs(heldout), **kwargs)
 
 
 def alpaca_task(tokenizer, batch_size: int, seed: int, max_len: int, n_eval: int = 10,
-                data_root: str | Path = DEFAULT_DATA_ROOT, **kwargs) -> SFTTask:
-    """The mini instruction task: 100 Alpaca examples, a seeded ``n_eval`` of them held out."""
+                data_root: str | Path = DEFAULT_DATA_ROOT, every: int = HELDOUT_EVERY, **kwargs) -> SFTTask:
+    """The mini instruction task: the 100 Alpaca examples less every ``every``-th (the ones
+    ``alpaca_local_nll`` scores: 20 of 100, :func:`~experiments.finetune_data.is_heldout`); the
+    first ``n_eval`` of those held-out examples scored in the loop."""
     pairs = load_alpaca(data_root)
-    train, heldout = split_heldout(len(pairs), n_eval, seed=0)  # fixed: every run and seed splits alike
+    train, heldout = split_heldout(len(pairs), every)
     return SFTTask([pairs[i] for i in train], tokenizer, batch_size, seed, max_len,
-                   eval_examples=[pairs[i] for i in heldout], **kwargs)
+                   eval_examples=_first([pairs[i] for i in heldout], n_eval, "held-out Alpaca examples"), **kwargs)
 
 
-def pubmed_texts(data_root: str | Path = DEFAULT_DATA_ROOT, n_heldout: int = 500, split_seed: int = 0,
+def pubmed_texts(data_root: str | Path = DEFAULT_DATA_ROOT, every: int = HELDOUT_EVERY,
                  adaptllm: AdaptLLMConfig | None = AdaptLLMConfig(), general_texts: Sequence[str] = (),
                  instruction_ratio: float = 0.0, seed: int = 0):
     """(training texts, held-out abstracts, held-out questions) of the mini biomedicine task.
 
-    Training texts are the abstracts of the training items, as AdaptLLM reading comprehension
-    (titles = the items' questions, which PubMedQA takes from the article titles; keywords from
-    ``general_texts``), mixed with Alpaca instructions at ``instruction_ratio``; ``adaptllm=None``
-    keeps the raw abstracts. Held-out items give only evaluation data.
+    Training texts are the abstracts of the training items (800 of PubMedQA-L's 1,000, the
+    complement of what ``pubmedqa_local`` and ``pubmed_abstracts_ppl`` score), as AdaptLLM reading
+    comprehension (titles = the items' questions, which PubMedQA takes from the article titles;
+    keywords from ``general_texts``), mixed with the training Alpaca instructions at
+    ``instruction_ratio``; ``adaptllm=None`` keeps the raw abstracts. Held-out items (every
+    ``every``-th PMID in numeric order) give only evaluation data.
     """
-    train, heldout = split_pubmedqa(load_pubmedqa(data_root), n_heldout, split_seed)
+    train, heldout = split_pubmedqa(load_pubmedqa(data_root), every)
     abstracts = [pubmedqa_abstract(item) for item in train]
     texts = abstracts
     if adaptllm is not None:
         keywords = domain_keywords(abstracts, general_texts) if general_texts else frozenset()
         texts = convert_corpus(abstracts, adaptllm, seed, [item.question for item in train], keywords)
     if instruction_ratio:
-        texts = mix_with_instructions(texts, [p + r for p, r in load_alpaca(data_root)], instruction_ratio, seed)
+        alpaca = load_alpaca(data_root)
+        instructions = [alpaca[i][0] + alpaca[i][1] for i in split_heldout(len(alpaca), every)[0]]
+        texts = mix_with_instructions(texts, instructions, instruction_ratio, seed)
     return texts, [pubmedqa_abstract(item) for item in heldout], [pubmedqa_choice(item) for item in heldout]
-

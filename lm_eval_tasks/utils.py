@@ -1,8 +1,9 @@
 """Data, prompts, answers, held-out splits and AdaptLLM scoring of our lm-eval tasks (README.md).
 
-lm-eval loads this file by path (``!function utils.<name>`` in a YAML beside it); the training side
-imports it as ``lm_eval_tasks.utils`` for the same prompts and splits. Everything is a pure
-function: the task settings arrive as keyword arguments.
+lm-eval loads this file by path (``!function utils.<name>`` in a YAML beside it). The prompts, the
+"The answer is: X" reader and the held-out rule are experiments/finetune_data.py's, which the
+training side uses too; they are importable from here under the same names. Everything is a
+pure function: the task settings arrive as keyword arguments.
 
 Local data. A ``custom_dataset`` function is called by lm-eval with the task's ``metadata`` and
 ``dataset_kwargs`` as keyword arguments (lm_eval.api.task.ConfigurableTask.download), and
@@ -20,27 +21,21 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from fractions import Fraction
 from pathlib import Path
 
 import datasets
 
+# Prompts, answer reading and the held-out rule are the training side's (one definition each), so
+# a model is scored on the prompts it was trained with and never on an item it was trained on.
+from experiments.finetune_data import (ALPACA_FILE, GSM8K_FILES, HELDOUT_EVERY, METAMATH_PROMPT,  # noqa: F401
+                                       PUBMEDQA_DECISIONS, PUBMEDQA_FILE, alpaca_eval_indices, alpaca_prompt,
+                                       extract_gsm8k_answer, extract_metamath_answer, gsm8k_to_metamath,
+                                       is_heldout, load_pubmedqa, normalize_number, pubmedqa_abstract,
+                                       pubmedqa_eval_ids, pubmedqa_ids, pubmedqa_prompt, pubmedqa_train_ids,
+                                       split_pubmedqa)
 from experiments.offline_data import DEFAULT_DATA_ROOT, verify_files
 
-GSM8K_TEST = "finetune/gsm8k_test.jsonl"
-PUBMEDQA_FILE = "finetune/pubmedqa_ori_pqal.json"
-ALPACA_FILE = "finetune/alpaca_tiny.json"
-
-# Alpaca's templates (Taori et al. 2023). MetaMath (Yu et al. 2023) trains with the no-input one,
-# the question as the instruction, so a MetaMath-tuned model is prompted with exactly that.
-ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately "
-                 "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-ALPACA_PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
-                            "further context. Write a response that appropriately completes the request.\n\n"
-                            "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-METAMATH_PROMPT = ALPACA_PROMPT
-PUBMEDQA_DECISIONS = ("yes", "no", "maybe")
-HELDOUT_EVERY = 5  # item i (in a fixed order) is held out for evaluation iff i % HELDOUT_EVERY == 0
+GSM8K_TEST = GSM8K_FILES["test"]
 
 
 def metamath_prompt(doc: dict) -> str:
@@ -48,66 +43,14 @@ def metamath_prompt(doc: dict) -> str:
     return METAMATH_PROMPT.format(instruction=doc["question"] if "question" in doc else doc["problem"])
 
 
-def alpaca_prompt(instruction: str, input: str = "") -> str:
-    if input:
-        return ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
-    return ALPACA_PROMPT.format(instruction=instruction)
-
-
 # ------------------------------------------------------------------------------ answers
-
-_ANSWER_MARK = re.compile(r"The answer is\s*:?", re.IGNORECASE)
-# a leading number: sign, thousands groups of three (so "1, 2" is not 12), decimals, or a/b
-_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:/\d+)?")
-_CALCULATOR = re.compile(r"<<[^<>]*>>")
-
-
-def extract_metamath_answer(completion: str) -> str | None:
-    """The text after the last "The answer is:" of ``completion``, to the end of that line.
-
-    MetaMath's answers end with "The answer is: X" and its scorer reads X (eval_gsm8k.py /
-    eval_math.py of meta-math/MetaMath); None when the mark is missing, which scores as wrong.
-    The canonical extractor of this repo: training-side code should import it from here.
-    """
-    marks = list(_ANSWER_MARK.finditer(completion))
-    if not marks:
-        return None
-    answer = completion[marks[-1].end():].strip().split("\n", 1)[0].strip().rstrip(".").strip()
-    return answer or None
-
-
-def normalize_number(text: str | None) -> str | None:
-    """The exact value of the number ``text`` starts with, canonical ("1,234.50" → "2469/2",
-    "$18" → "18", "-3.0" → "-3"); None if it starts with none. Units or words after it are ignored."""
-    if text is None:
-        return None
-    cleaned = text.replace("\\$", "").replace("$", "").replace("\u2212", "-").strip()
-    match = _NUMBER.match(cleaned)
-    if not match or not any(c.isdigit() for c in match.group(0)):
-        return None
-    try:
-        value = Fraction(match.group(0).replace(",", ""))
-    except (ValueError, ZeroDivisionError):
-        return None
-    return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
-
 
 def gsm8k_gold(answer: str) -> str:
     """The normalised number after GSM8K's final "#### "."""
-    _, mark, final = answer.rpartition("####")
-    gold = normalize_number(final) if mark else None
+    gold = extract_gsm8k_answer(answer)
     if gold is None:
         raise ValueError(f"a GSM8K answer ends with '#### N'; got {answer[-80:]!r}")
     return gold
-
-
-def metamath_style_answer(answer: str) -> str:
-    """A GSM8K solution as MetaMathQA writes its answers: the ``<<4*2=8>>`` calculator calls
-    removed, the final ``#### N`` line replaced by ``The answer is: N``."""
-    body, mark, final = answer.rpartition("####")
-    if not mark:
-        raise ValueError(f"a GSM8K answer ends with '#### N'; got {answer[-80:]!r}")
-    return f"{_CALCULATOR.sub('', body).rstrip()}\nThe answer is: {final.strip()}"
 
 
 def gsm8k_metamath_results(doc: dict, results: list[str]) -> dict:
@@ -124,50 +67,6 @@ def math_metamath_results(doc: dict, results: list[str]) -> dict:
     predicted = extract_metamath_answer(results[0])
     gold = remove_boxed(last_boxed_only_string(doc["solution"]))
     return {"exact_match": int(predicted is not None and is_equiv(predicted, gold))}
-
-
-# ------------------------------------------------------------------------------ held-out splits
-
-def is_heldout(index: int, every: int = HELDOUT_EVERY) -> bool:
-    return index % every == 0
-
-
-def pubmedqa_ids(data: dict) -> list[str]:
-    """The PMIDs of PubMedQA-L's ``{pmid: record}`` in numeric order (not the file's key order)."""
-    return sorted(data, key=int)
-
-
-def pubmedqa_eval_ids(data: dict, every: int = HELDOUT_EVERY) -> list[str]:
-    """PMIDs evaluated by ``pubmedqa_local`` and ``pubmed_abstracts_ppl``: every ``every``-th of
-    the numerically sorted PMIDs, from the first (200 of 1,000 at every=5).
-
-    A continual-pretraining run on these abstracts must leave these out (use
-    :func:`pubmedqa_train_ids`), or the evaluation measures memorised text.
-    """
-    return [pmid for i, pmid in enumerate(pubmedqa_ids(data)) if is_heldout(i, every)]
-
-
-def pubmedqa_train_ids(data: dict, every: int = HELDOUT_EVERY) -> list[str]:
-    """The complement of :func:`pubmedqa_eval_ids`: the abstracts training may use."""
-    return [pmid for i, pmid in enumerate(pubmedqa_ids(data)) if not is_heldout(i, every)]
-
-
-def pubmed_abstract(record: dict) -> str:
-    """A PubMedQA-L record's whole abstract: its context sections, then the conclusion (the long
-    answer), as a PubMed abstract appears in the Pile's continual-pretraining text."""
-    parts = [*record["CONTEXTS"], record["LONG_ANSWER"]]
-    return " ".join(part.strip() for part in parts if part.strip())
-
-
-def pubmedqa_prompt(record: dict) -> str:
-    """PubMedQA's reasoning-required setting (Jin et al. 2019): contexts and question, no conclusion."""
-    context = " ".join(part.strip() for part in record["CONTEXTS"])
-    return f"Context: {context}\nQuestion: {record['QUESTION']}\nAnswer (yes, no or maybe):"
-
-
-def alpaca_eval_indices(n_items: int, every: int = HELDOUT_EVERY) -> list[int]:
-    """Indices of the Alpaca examples ``alpaca_local_nll`` scores (instruction tuning must skip them)."""
-    return [i for i in range(n_items) if is_heldout(i, every)]
 
 
 # ------------------------------------------------------------------------------ token counts
@@ -239,7 +138,7 @@ def gsm8k_row(record: dict) -> dict:
     """A GSM8K record (``question``, ``answer``) with its MetaMath prompt, the normalised gold
     number and the reference solution rewritten MetaMath-style (the NLL target)."""
     return {"question": record["question"], "prompt": metamath_prompt(record), "gold": gsm8k_gold(record["answer"]),
-            "target": metamath_style_answer(record["answer"])}
+            "target": gsm8k_to_metamath(record["answer"])}
 
 
 def process_gsm8k_docs(dataset: datasets.Dataset) -> datasets.Dataset:
@@ -258,22 +157,18 @@ def load_gsm8k_test(data_root=None, tokenizer=None, count_tokens: bool = False, 
     return _test_split(rows)
 
 
-def _pubmedqa_eval_records(data_root, every: int) -> list[tuple[str, dict]]:
-    data = json.loads(_local_file(data_root, PUBMEDQA_FILE).read_text(encoding="utf-8"))
-    return [(pmid, data[pmid]) for pmid in pubmedqa_eval_ids(data, every)]
-
-
 def load_pubmedqa_eval(data_root=None, heldout_every: int = HELDOUT_EVERY, **_) -> datasets.DatasetDict:
     """The held-out PubMedQA-L questions (:func:`pubmedqa_eval_ids`) with prompt and gold index."""
-    rows = [{"pmid": pmid, "prompt": pubmedqa_prompt(r), "label": PUBMEDQA_DECISIONS.index(r["final_decision"])}
-            for pmid, r in _pubmedqa_eval_records(data_root, heldout_every)]
-    return _test_split(rows)
+    _, heldout = split_pubmedqa(load_pubmedqa(data_root or DEFAULT_DATA_ROOT), heldout_every)
+    return _test_split([{"pmid": item.pmid, "prompt": pubmedqa_prompt(item),
+                         "label": PUBMEDQA_DECISIONS.index(item.decision)} for item in heldout])
 
 
 def load_pubmed_abstracts(data_root=None, heldout_every: int = HELDOUT_EVERY, **_) -> datasets.DatasetDict:
-    """The whole abstracts of the held-out PubMedQA-L items, for rolling perplexity."""
-    rows = [{"pmid": pmid, "text": pubmed_abstract(r)} for pmid, r in _pubmedqa_eval_records(data_root, heldout_every)]
-    return _test_split(rows)
+    """The whole abstracts (contexts, then conclusion) of the held-out PubMedQA-L items, for
+    rolling perplexity: the text continual pretraining trains on for the other items."""
+    _, heldout = split_pubmedqa(load_pubmedqa(data_root or DEFAULT_DATA_ROOT), heldout_every)
+    return _test_split([{"pmid": item.pmid, "text": pubmedqa_abstract(item)} for item in heldout])
 
 
 def load_alpaca_heldout(data_root=None, tokenizer=None, heldout_every: int = HELDOUT_EVERY,

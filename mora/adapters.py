@@ -297,10 +297,13 @@ def adapter_state_dict(model: nn.Module, config: AdapterConfig) -> dict[str, tor
 
     Adapter parameters (frozen ones too, e.g. AsyLoRA's A), every other trainable parameter,
     and the base weight of adapter layers into which merge_and_reinit has written updates.
-    FFT: the whole state dict.
+    FFT: the whole state dict, each tensor once: a tied alias (``lm_head.weight`` sharing the
+    embedding, as stories260K's does) is left out, since safetensors refuses shared tensors and
+    loading the embedding restores it.
     """
     if config.layer_kind is None:
-        return {n: t.detach().contiguous() for n, t in model.state_dict().items()}
+        unique = dict(model.named_parameters()) | dict(model.named_buffers())  # aliases named once
+        return {n: t.detach().contiguous() for n, t in model.state_dict().items() if n in unique}
     layers = adapter_layers(model)
     if any(getattr(l, "merged", False) for l in layers.values()):
         raise RuntimeError("unmerge adapters before saving them (merged ΔW lives in the base weights)")
@@ -343,8 +346,12 @@ def load_adapter(model: nn.Module, directory: str | Path) -> AdapterConfig:
 
 
 def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load adapter tensors; every key must exist in the model with the same shape."""
-    own = dict(model.named_parameters()) | dict(model.named_buffers())
+    """Load adapter tensors; every key must exist in the model with the same shape.
+
+    A tied alias (``lm_head.weight`` of a model whose head shares the embedding) is accepted too:
+    FFT checkpoints written before :func:`adapter_state_dict` left aliases out still hold it.
+    """
+    own = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
     unknown = [k for k in state if k not in own]
     if unknown:
         raise KeyError(f"adapter tensors not in the model (wrong base model or config?): {unknown[:5]}")

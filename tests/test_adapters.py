@@ -9,9 +9,9 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mora.adapters import (
-    METHOD_LAYERS, AdapterConfig, adapter_layers, adapter_summary, build_optimizer, inject_adapters,
-    load_adapter, lora_layers, merge_adapters, merge_and_reinit, merge_and_unload, mora_layers,
-    save_adapter, trainable_parameter_count, unmerge_adapters,
+    METHOD_LAYERS, AdapterConfig, adapter_layers, adapter_state_dict, adapter_summary, build_optimizer,
+    inject_adapters, load_adapter, load_adapter_state_dict, lora_layers, merge_adapters, merge_and_reinit,
+    merge_and_unload, mora_layers, save_adapter, trainable_parameter_count, unmerge_adapters,
 )
 from mora.convert import convert_official_state_dict, load_official_adapter
 
@@ -21,10 +21,10 @@ CASES = [dict(method=m) for m in METHOD_LAYERS if m != "mora"] + [
 IDS = [c["method"] + ("-" + c["operator"] if "operator" in c else "") for c in CASES]
 
 
-def tiny_llama(seed=0):
+def tiny_llama(seed=0, **config):
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, **config)
     return LlamaForCausalLM(config).eval()
 
 
@@ -120,6 +120,28 @@ def test_save_and_load_round_trip(case, tmp_path):
     assert not any(".base_layer." in k for k in saved)  # only adapters and trained modules
     # "norm" names every RMSNorm: 2 per decoder layer and the final one
     assert len({k for k in saved if "norm" in k}) == 2 * 2 + 1
+
+
+def test_fft_of_a_tied_model_saves_and_loads(tmp_path):
+    """FFT saves every weight once: lm_head tied to the embedding (stories260K) is not saved twice,
+    which safetensors would refuse, and checkpoints that hold the alias still load."""
+    config = AdapterConfig(method="fft")
+    model = inject_adapters(tiny_llama(tie_word_embeddings=True), config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # full fine-tuning moved every weight, the tied one too
+    state = adapter_state_dict(model, config)
+    assert "lm_head.weight" not in state and "model.embed_tokens.weight" in state
+    assert state.keys() == dict(model.named_parameters()).keys()
+    save_adapter(model, tmp_path, config)
+    ids = tokens()
+    for load in (lambda fresh: load_adapter(fresh, tmp_path),
+                 lambda fresh: load_adapter_state_dict(fresh, model.state_dict())):  # alias included
+        fresh = tiny_llama(seed=1, tie_word_embeddings=True)
+        load(fresh)
+        assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+        torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
 def test_unloaded_model_saves_with_save_pretrained(tmp_path):

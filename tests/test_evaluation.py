@@ -21,6 +21,7 @@ from experiments.evaluation import (TASKS_DIR, evaluate_with_lm_eval, flat_metri
                                     save_eval_results, task_manager)
 from experiments.models import load_stories260k
 from experiments.offline_data import DEFAULT_DATA_ROOT, verify_files
+from experiments import finetune_data
 from lm_eval_tasks import utils
 from mora.adapters import AdapterConfig, adapter_layers, inject_adapters, merge_and_unload, save_adapter
 
@@ -60,20 +61,18 @@ GSM8K_FIRST = ("Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\nShe mak
 
 
 def test_answer_extraction_on_gsm8k_style_strings():
-    styled = utils.metamath_style_answer(GSM8K_FIRST)
+    # one implementation, the training side's (its cases: tests/test_finetune_data.py::ANSWERS)
+    assert utils.extract_metamath_answer is finetune_data.extract_metamath_answer
+    assert utils.normalize_number is finetune_data.normalize_number
+    styled = utils.gsm8k_to_metamath(GSM8K_FIRST)
     assert styled.endswith("market.\nThe answer is: 18") and "<<" not in styled
     assert utils.gsm8k_gold(GSM8K_FIRST) == "18"
     assert utils.extract_metamath_answer(styled) == "18"
-    cases = {"So she makes $18 a day.\nThe answer is: $18.": "18",
-             "The answer is: 18 dollars\n\n### Instruction:\nnext": "18",
-             "first The answer is: 3, then the answer is: 1,234.50": "2469/2",
-             "The answer is: -7.0": "-7", "The answer is: 3/6": "1/2", "The answer is:\u22124": "-4"}
-    for completion, number in cases.items():
-        assert utils.normalize_number(utils.extract_metamath_answer(completion)) == number, completion
-    assert utils.extract_metamath_answer("She makes 18 dollars.") is None
-    assert utils.normalize_number("1, 2") == "1" and utils.normalize_number("dollars") is None
+    with pytest.raises(ValueError, match="####"):
+        utils.gsm8k_gold("She makes 18 dollars.")
     doc = {"gold": "18"}
     assert utils.gsm8k_metamath_results(doc, ["... The answer is: 18"]) == {"exact_match": 1}
+    assert utils.gsm8k_metamath_results(doc, ["... The answer is: $18.00 a day."]) == {"exact_match": 1}
     assert utils.gsm8k_metamath_results(doc, ["... The answer is: 17"]) == {"exact_match": 0}
     assert utils.gsm8k_metamath_results(doc, ["18"]) == {"exact_match": 0}  # no mark: MetaMath scores it wrong
 
@@ -102,6 +101,8 @@ def test_pubmedqa_eval_ids_are_deterministic_and_disjoint_from_training():
     assert len(eval_ids) == 200 and len(train_ids) == 800
     assert not set(eval_ids) & set(train_ids) and set(eval_ids) | set(train_ids) == set(data)
     assert eval_ids == sorted(data, key=int)[::5]
+    train_items, heldout_items = finetune_data.split_pubmedqa(finetune_data.load_pubmedqa())  # the training side
+    assert [i.pmid for i in train_items] == train_ids and [i.pmid for i in heldout_items] == eval_ids
     assert utils.load_pubmedqa_eval()["test"]["pmid"] == eval_ids
     abstracts = utils.load_pubmed_abstracts()["test"]
     assert abstracts["pmid"] == eval_ids and data[eval_ids[0]]["LONG_ANSWER"] in abstracts["text"][0]
@@ -310,7 +311,7 @@ def test_cli_evaluates_a_run_folder_and_its_saved_adapter(tmp_path):
 
 
 def test_cli_loads_a_full_finetuning_run(tmp_path):
-    """FFT checkpoints hold the whole state dict, the tied lm_head.weight included."""
+    """FFT checkpoints hold every weight once: stories260K's lm_head is tied to the embedding."""
     from experiments.run import execute
     from experiments.training import CHECKPOINT
     from tests.test_configs import compose
@@ -320,6 +321,8 @@ def test_cli_loads_a_full_finetuning_run(tmp_path):
     assert execute(compose(*TINY, "method=fft", f"out_dir={run_dir}"))["status"] == "completed"
     model, *_ = load_run(run_dir, "cpu")
     saved = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)["weights"]
-    assert all(torch.equal(tensor, saved[name]) for name, tensor in model.state_dict().items())
+    assert "lm_head.weight" not in saved and model.lm_head.weight is model.model.embed_tokens.weight
+    assert saved.keys() == dict(model.named_parameters()).keys()
+    assert all(torch.equal(tensor, saved[name]) for name, tensor in model.named_parameters())
     metrics = main(["--run", str(run_dir), "--tasks", "pubmedqa_local", "--limit", "2", "--device", "cpu"])["metrics"]
     assert metrics["pubmedqa_local/n_samples"] == 2

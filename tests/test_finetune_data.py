@@ -7,11 +7,13 @@ import json
 
 import pytest
 
-from experiments.finetune_data import (ALPACA_FILE, METAMATH_EVAL_PROMPT, PUBMEDQA_DECISIONS, Segment, as_example,
-                                       extract_gsm8k_answer, extract_metamath_answer, gsm8k_pairs,
-                                       gsm8k_to_metamath, load_alpaca, load_gsm8k, load_metamathqa, load_pubmedqa,
-                                       load_tulu_v2, normalize_number, pair_example, pubmedqa_abstract,
-                                       pubmedqa_choice, pubmedqa_prompt, split_heldout, split_pubmedqa, tulu_example)
+from experiments.finetune_data import (ALPACA_FILE, METAMATH_EVAL_PROMPT, PUBMEDQA_DECISIONS, Segment,
+                                       alpaca_eval_indices, as_example, extract_gsm8k_answer,
+                                       extract_metamath_answer, gsm8k_pairs, gsm8k_to_metamath, is_heldout,
+                                       load_alpaca, load_gsm8k, load_metamathqa, load_pubmedqa, load_tulu_v2,
+                                       normalize_number, pair_example, pubmedqa_abstract, pubmedqa_choice,
+                                       pubmedqa_eval_ids, pubmedqa_prompt, pubmedqa_train_ids, split_heldout,
+                                       split_pubmedqa, tulu_example)
 from experiments.offline_data import DEFAULT_DATA_ROOT, OfflineDataError
 
 
@@ -59,7 +61,7 @@ def test_every_gsm8k_solution_converts_and_keeps_its_answer(gsm8k_rows):
         assert "<<" not in converted and ">>" not in converted and "####" not in converted
         assert converted.rsplit("\n", 1)[1].startswith("The answer is: ")
         gold = extract_gsm8k_answer(row["answer"])
-        assert gold is not None and extract_metamath_answer(converted) == gold
+        assert gold is not None and normalize_number(extract_metamath_answer(converted)) == gold
 
 
 def test_gsm8k_answers_with_thousands_commas_are_read_as_numbers(gsm8k_rows):
@@ -74,38 +76,53 @@ def test_a_gsm8k_answer_without_its_final_line_is_refused():
     assert extract_gsm8k_answer("No final line here.") is None
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("So she pays 5 + 3 = 8.\nThe answer is: 8", "8"),
-    ("The answer is: $1,234.", "1234"),
-    ("The answer is: \\$18", "18"),
-    ("The answer is: 18 dollars.", "18"),
-    ("The answer is: -7", "-7"),
-    ("The answer is: \u22127", "-7"),
-    ("The answer is: 3/4", "3/4"),
-    ("The answer is: 6/8.", "3/4"),
-    ("The answer is: \\frac{3}{4}", "3/4"),
-    ("The answer is: \\dfrac{-1}{2}", "-1/2"),
-    ("The answer is: 0.50", "1/2"),
-    ("The answer is: 12.0", "12"),
-    ("The answer is: .5", "1/2"),
-    ("The answer is: 50%", "50"),
-    ("the answer is 42", "42"),
-    ("The answer is: 5\nThe answer is: 7.", "7"),          # the last one counts
-    ("The answer is: 7\nSome trailing text", "7"),
-    ("The answer is: 1, 2", "1"),                           # "1, 2" is not twelve
-    ("The answer is: (1,2)", "(1,2)"),                      # symbolic answers come back as written
-    ("The answer is: \\sqrt{2}.", "\\sqrt{2}"),
-    ("The answer is: ", None),
-    ("no final answer in this text", None),
-    ("", None),
-])
-def test_extract_metamath_answer(text, expected):
-    assert extract_metamath_answer(text) == expected
+# (completion, the answer as written, its number): one table for the extractor lm-eval scores with
+# (lm_eval_tasks/utils.py imports it from experiments/finetune_data.py)
+ANSWERS = [
+    ("So she pays 5 + 3 = 8.\nThe answer is: 8", "8", "8"),
+    ("So she makes $18 a day.\nThe answer is: $18.", "$18", "18"),
+    ("The answer is: $1,234.", "$1,234", "1234"),
+    ("The answer is: \\$18", "\\$18", "18"),
+    ("The answer is: 18 dollars.", "18 dollars", "18"),
+    ("The answer is: 18 dollars\n\n### Instruction:\nnext", "18 dollars", "18"),
+    ("first The answer is: 3, then the answer is: 1,234.50", "1,234.50", "2469/2"),
+    ("The answer is: -7", "-7", "-7"),
+    ("The answer is: -7.0", "-7.0", "-7"),
+    ("The answer is: \u22127", "\u22127", "-7"),
+    ("The answer is:\u22124", "\u22124", "-4"),
+    ("The answer is: 3/4", "3/4", "3/4"),
+    ("The answer is: 6/8.", "6/8", "3/4"),
+    ("The answer is: 3/6", "3/6", "1/2"),
+    ("The answer is: \\frac{3}{4}", "\\frac{3}{4}", "3/4"),
+    ("The answer is: \\dfrac{-1}{2}", "\\dfrac{-1}{2}", "-1/2"),
+    ("The answer is: 0.50", "0.50", "1/2"),
+    ("The answer is: 12.0", "12.0", "12"),
+    ("The answer is: .5", ".5", "1/2"),
+    ("The answer is: 50%", "50%", "50"),
+    ("the answer is 42", "42", "42"),
+    ("The answer is: 5\nThe answer is: 7.", "7", "7"),          # the last one counts
+    ("The answer is: 7\nSome trailing text", "7", "7"),
+    ("The answer is: 1, 2", "1, 2", "1"),                       # "1, 2" is not twelve
+    ("The answer is: (1,2)", "(1,2)", None),                    # symbolic answers (MATH) stay as written
+    ("The answer is: 3\\sqrt{2}", "3\\sqrt{2}", "3"),
+    ("The answer is: \\sqrt{2}.", "\\sqrt{2}", None),
+    ("The answer is: ", None, None),
+    ("She makes 18 dollars.", None, None),                      # no mark: MetaMath scores it wrong
+    ("no final answer in this text", None, None),
+    ("", None, None),
+]
+
+
+@pytest.mark.parametrize("text, written, number", ANSWERS)
+def test_extract_metamath_answer_and_its_number(text, written, number):
+    assert extract_metamath_answer(text) == written
+    assert normalize_number(extract_metamath_answer(text)) == number
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("72", "72"), ("1,000,000", "1000000"), ("$5.00", "5"), ("-0.25", "-1/4"), ("10/4", "5/2"),
-    (" 7. ", "7"), ("abc", None), ("1/0", None), ("", None),
+    ("72", "72"), ("1,000,000", "1000000"), ("$5.00", "5"), ("-0.25", "-1/4"), ("10/4", "5/2"), ("3 / 4", "3/4"),
+    (" 7. ", "7"), ("1, 2", "1"), ("2469/2", "2469/2"), ("\\frac{2469}{2}", "2469/2"), ("-\\frac{1}{2}", "-1/2"),
+    ("abc", None), ("dollars", None), ("1/0", None), ("", None), (None, None),
 ])
 def test_normalize_number(text, expected):
     assert normalize_number(text) == expected
@@ -164,13 +181,19 @@ def test_as_example_accepts_pairs_and_segment_tuples_only():
 
 # ------------------------------------------------------------------------------------- splits
 
-def test_split_heldout_is_disjoint_complete_and_seeded():
-    train, heldout = split_heldout(100, 30, seed=3)
-    assert len(heldout) == 30 and not set(train) & set(heldout) and sorted(train + heldout) == list(range(100))
-    assert split_heldout(100, 30, seed=3) == (train, heldout)
-    assert split_heldout(100, 30, seed=4)[1] != heldout
-    with pytest.raises(ValueError):
-        split_heldout(10, 11, seed=0)
+def test_every_fifth_item_is_held_out():
+    train, heldout = split_heldout(12)
+    assert heldout == [0, 5, 10] and train == [1, 2, 3, 4, 6, 7, 8, 9, 11]
+    assert heldout == [i for i in range(12) if is_heldout(i)] == alpaca_eval_indices(12)
+    assert split_heldout(12, every=4)[1] == [0, 4, 8]
+    for every in (0, 1):
+        with pytest.raises(ValueError, match="every"):
+            split_heldout(10, every)
+
+
+def test_alpaca_holds_out_twenty_of_its_hundred_examples():
+    train, heldout = split_heldout(len(load_alpaca()))
+    assert len(train) == 80 and heldout == alpaca_eval_indices(100) == list(range(0, 100, 5))
 
 
 # ------------------------------------------------------------------------------------ PubMedQA
@@ -182,17 +205,29 @@ def test_pubmedqa_items_are_the_1000_labelled_questions(pubmedqa):
     assert counts == {"yes": 552, "no": 338, "maybe": 110}
 
 
-def test_no_evaluated_abstract_is_in_the_training_text(pubmedqa):
-    train, heldout = split_pubmedqa(pubmedqa, n_heldout=500, seed=0)
-    assert len(train) == len(heldout) == 500 and not {i.pmid for i in train} & {i.pmid for i in heldout}
-    assert split_pubmedqa(pubmedqa, 500, 0) == (train, heldout)
-    corpus = "\n".join(pubmedqa_abstract(item) for item in train)
-    # Some abstracts share one-line design sections ("None.", "Cross-sectional.", "Randomized controlled
-    # trial."): those recur across articles; every substantive section must be unseen.
+def test_pubmedqa_split_is_the_every_fifth_pmid_rule(pubmedqa):
+    train, heldout = split_pubmedqa(pubmedqa)
+    ids = sorted((item.pmid for item in pubmedqa), key=int)
+    assert [i.pmid for i in heldout] == pubmedqa_eval_ids(ids) == ids[::5]
+    assert [i.pmid for i in train] == pubmedqa_train_ids(ids)
+    assert len(train) == 800 and len(heldout) == 200
+    assert split_pubmedqa(pubmedqa[::-1]) == (train, heldout)  # the items' order does not matter
+
+
+def heldout_sections(heldout) -> list[str]:
+    """Every context section and conclusion of ``heldout`` of at least 50 characters. Some abstracts
+    share one-line design sections ("None.", "Cross-sectional.", "Randomized controlled trial."):
+    those recur across articles; every substantive section must be unseen."""
     sections = [c.strip() for item in heldout for c in (*item.contexts, item.long_answer)]
     substantive = [c for c in sections if len(c) >= 50]
-    assert len(substantive) > 0.97 * len(sections)
-    assert not [c for c in substantive if c in corpus]
+    assert len(substantive) > 0.95 * len(sections)  # the filter drops only those few
+    return substantive
+
+
+def test_no_evaluated_abstract_is_in_the_training_text(pubmedqa):
+    train, heldout = split_pubmedqa(pubmedqa)
+    corpus = "\n".join(pubmedqa_abstract(item) for item in train)
+    assert not [c for c in heldout_sections(heldout) if c in corpus]
 
 
 def test_pubmedqa_question_hides_the_conclusion_and_keeps_the_label(pubmedqa):

@@ -12,12 +12,15 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from experiments.c4_task import evaluate_perplexity
-from experiments.finetune_data import ChoiceExample, Segment, load_gsm8k, split_heldout
+from experiments.finetune_data import (ChoiceExample, Segment, alpaca_eval_indices, gsm8k_pairs, load_alpaca,
+                                       load_gsm8k, load_pubmedqa, pubmedqa_abstract, split_heldout, split_pubmedqa)
 from experiments.models import STORIES260K
 from experiments.offline_data import DEFAULT_DATA_ROOT, verify_files
 from experiments.sft_task import (IGNORE_INDEX, SFTTask, TextTask, alpaca_task, collate, encode_choices,
                                   encode_examples, encode_texts, gsm8k_task, pubmed_texts)
 from experiments.sp_tokenizer import load_sentencepiece_tokenizer
+from lm_eval_tasks import utils
+from tests.test_finetune_data import heldout_sections
 
 PAIRS = [("Question: what colour is the sky?\nAnswer:", "It is blue."),
          ("Question: how many legs has a cat?\nAnswer:", "Four."),
@@ -224,20 +227,50 @@ def test_choice_rows_longer_than_max_len_lose_the_start_of_their_prompt(tok):
 
 # ----------------------------------------------------------------------------- mini data builders
 
-def test_gsm8k_task_holds_out_test_problems(tok):
+def test_gsm8k_task_scores_the_first_test_problems(tok):
     task = gsm8k_task(tok, batch_size=8, seed=0, max_len=640, n_eval=20)
     assert len(task.data) + task.data.n_dropped == 7473 and len(task.eval_data) == 20
-    test = load_gsm8k("test")
-    heldout_questions = {test[i]["question"] for i in split_heldout(len(test), 20, 0)[1]}
-    assert not heldout_questions & {row["question"] for row in load_gsm8k("train")}
+    test, train = load_gsm8k("test"), load_gsm8k("train")
+    assert torch.equal(task.eval_data.tokens, encode_examples(gsm8k_pairs(test[:20]), tok, 640).tokens)
+    assert not {row["question"] for row in test} & {row["question"] for row in train}
     assert "median" in task.describe()
+    with pytest.raises(ValueError, match="n_eval=1320 exceeds the 1319"):
+        gsm8k_task(tok, batch_size=8, seed=0, max_len=640, n_eval=1320)
 
 
-def test_alpaca_task_and_pubmed_texts_keep_held_out_items_out_of_training(tok):
-    task = alpaca_task(tok, batch_size=4, seed=0, max_len=512, n_eval=10)
-    assert len(task.data) + task.data.n_dropped == 90 and len(task.eval_data) == 10
-    texts, heldout_abstracts, choices = pubmed_texts(n_heldout=500, instruction_ratio=0.1)
-    assert len(texts) == 550 and len(heldout_abstracts) == len(choices) == 500
-    corpus = "\n".join(texts)
-    assert not [a for a in heldout_abstracts if a[:200] in corpus]
+def squash(text: str) -> str:
+    return " ".join(text.split())  # decoding collapses runs of spaces
+
+
+def trained_responses(data, tok) -> list[str]:
+    """The trained text of every row of ``data`` (its labelled tokens less the closing EOS), spaces squashed."""
+    rows = [data.row(i) for i in range(len(data))]
+    return [squash(tok.decode(ids[trained][:-1].tolist())) for ids, trained in rows]
+
+
+def test_alpaca_task_never_trains_on_a_response_alpaca_local_nll_scores(tok):
+    task = alpaca_task(tok, batch_size=4, seed=0, max_len=4096, n_eval=10)  # no response cut short
+    assert len(task.data) == 80 and len(task.eval_data) == 10
+    pairs = load_alpaca()
+    scored = utils.load_alpaca_heldout(tokenizer=tok)["test"]  # what lm-eval scores
+    assert scored["index"] == alpaca_eval_indices(len(pairs)) and len(scored) == 20
+    trained = set(trained_responses(task.data, tok))
+    assert trained == {squash(pairs[i][1]) for i in split_heldout(len(pairs))[0]}  # decoding gives the text back
+    assert not trained & {squash(target) for target in scored["target"]}
+    assert trained_responses(task.eval_data, tok) == [squash(target) for target in scored["target"][:10]]
+    with pytest.raises(ValueError, match="n_eval=21 exceeds the 20 held-out"):
+        alpaca_task(tok, batch_size=4, seed=0, max_len=512, n_eval=21)
+
+
+def test_pubmed_texts_never_train_on_an_abstract_lm_eval_scores():
+    texts, heldout_abstracts, choices = pubmed_texts(instruction_ratio=0.1)
+    assert len(texts) == 800 + 80 and len(heldout_abstracts) == len(choices) == 200
+    assert heldout_abstracts == utils.load_pubmed_abstracts()["test"]["text"]       # pubmed_abstracts_ppl
+    assert [c.prompt for c in choices] == utils.load_pubmedqa_eval()["test"]["prompt"]  # pubmedqa_local
     assert {c.options[c.answer_index] for c in choices} == {"yes", "no", "maybe"}
+    corpus = "\n".join(texts)
+    train, heldout = split_pubmedqa(load_pubmedqa())
+    assert all(pubmedqa_abstract(item) in corpus for item in train)
+    assert not [section for section in heldout_sections(heldout) if section in corpus]
+    alpaca = load_alpaca()
+    assert not [i for i in alpaca_eval_indices(len(alpaca)) if alpaca[i][1].strip() in corpus]
