@@ -132,17 +132,20 @@ def flat_metrics(raw: dict) -> dict[str, float]:
     ``"<task>@<k>shot"`` so that MMLU 0-shot and 5-shot (Table 1) can live in one file.
     """
     shots = raw.get("n-shot", {})
+
+    def named(task: str) -> str:
+        return f"{task}@{shots[task]}shot" if shots.get(task) else task
+
     flat = {}
     for task, values in raw.get("results", {}).items():
-        name = f"{task}@{shots[task]}shot" if shots.get(task) else task
         for key, value in values.items():
+            # not a metric: the "alias" entry, and stderrs lm-eval could not compute (it writes "N/A")
             if "," not in key or not isinstance(value, (int, float)) or isinstance(value, bool):
-                continue  # "alias", and "N/A" stderr placeholders
+                continue
             metric, filter_name = key.split(",", 1)
-            flat[f"{name}/{metric}" + ("" if filter_name == "none" else f"/{filter_name}")] = float(value)
+            flat[f"{named(task)}/{metric}" + ("" if filter_name == "none" else f"/{filter_name}")] = float(value)
     for task, counts in raw.get("n-samples", {}).items():
-        name = f"{task}@{shots[task]}shot" if shots.get(task) else task
-        flat[f"{name}/n_samples"] = float(counts["effective"])
+        flat[f"{named(task)}/n_samples"] = float(counts["effective"])
     return flat
 
 

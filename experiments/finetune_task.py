@@ -17,6 +17,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
+from experiments.schema import check_choice, check_positive
+
 KINDS = ("sft", "text")
 SOURCES = ("local", "hub")
 # what each (source, kind) can read; the hub text corpora are any dataset with a text column
@@ -47,16 +49,14 @@ class FinetuneTaskSpec:
     lm_eval_max_gen_toks: int | None = None
 
     def __post_init__(self) -> None:
-        _choice("task.kind", self.kind, KINDS)
-        _choice("task.source", self.source, SOURCES)
-        _choice("task.dataset", self.dataset, DATASETS[(self.source, self.kind)])
+        check_choice("task.kind", self.kind, KINDS)
+        check_choice("task.source", self.source, SOURCES)
+        check_choice("task.dataset", self.dataset, DATASETS[(self.source, self.kind)])
         if self.source == "hub" and not self.hub_id:
             raise ValueError(f"task.hub_id is required for task.source=hub (task={self.name}); the paper's "
                              "financial-news corpus, for one, is not on the hub: point it at your copy")
         for name in ("max_len", "n_eval", "eval_batch_size", "lm_eval_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"task.{name} must be a positive integer, got {value!r}")
+            check_positive(f"task.{name}", getattr(self, name))
         for name in ("lm_eval_limit", "lm_eval_max_gen_toks"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
@@ -75,11 +75,6 @@ class FinetuneTaskSpec:
         values = dict(values)
         values["lm_eval_tasks"] = tuple(values.get("lm_eval_tasks") or ())
         return cls(**values)
-
-
-def _choice(field: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{field} must be one of {tuple(allowed)}, got {field}={value!r}")
 
 
 def build_finetune_task(spec: FinetuneTaskSpec, tokenizer, batch_size: int, seed: int, data_root: str | Path,

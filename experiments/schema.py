@@ -25,12 +25,12 @@ TASKS = ("uuid", "c4", "metamath", "tulu", "biomed", "finance")
 FINETUNE_TASKS = ("metamath", "tulu", "biomed", "finance")  # Section 5.2, Table 1 columns
 
 
-def _choice(field: str, value, allowed) -> None:
+def check_choice(field: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{field} must be one of {tuple(allowed)}, got {field}={value!r}")
 
 
-def _positive(field: str, value, allow_zero: bool = False) -> None:
+def check_positive(field: str, value, allow_zero: bool = False) -> None:
     ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
     if not ok:
         raise ValueError(f"{field} must be a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}")
@@ -106,7 +106,7 @@ class RankMapping:
 
 def map_rank(paper_rank: int, width: int, reference_width: int | None) -> RankMapping:
     """Scale ``paper_rank`` by width / reference_width so that r/d (hence MoRA's r̂/d = √(2r/d)) stays."""
-    _positive("rank", paper_rank)
+    check_positive("rank", paper_rank)
     if reference_width is None:
         return RankMapping(paper_rank, paper_rank, width, None, True)
     exact = paper_rank * width / reference_width
@@ -136,20 +136,20 @@ class RunConfig:
 
 def _model_spec(cfg: DictConfig) -> ModelSpec:
     m = OmegaConf.to_container(cfg.model, resolve=True)
-    _choice("model.source", m.get("source"), MODEL_SOURCES)
+    check_choice("model.source", m.get("source"), MODEL_SOURCES)
     needed = {"llama2c": ("path", "tokenizer"), "hub": ("hub_id",),
               "config": ("intermediate_size", "num_layers", "num_heads")}[m["source"]]
     for key in needed:
         if not m.get(key):
             raise ValueError(f"model.{key} is required for model.source={m['source']!r} (model={m.get('name')})")
-    _positive("model.hidden_size", m.get("hidden_size"))
+    check_positive("model.hidden_size", m.get("hidden_size"))
     unknown = sorted(set(m) - set(ModelSpec.__dataclass_fields__))
     if unknown:
         raise ValueError(f"model has unknown fields {unknown}; allowed: {sorted(ModelSpec.__dataclass_fields__)}")
     if m["source"] == "config":
         for key in ("intermediate_size", "num_layers", "num_heads", "num_kv_heads", "max_position_embeddings"):
             if m.get(key) is not None:
-                _positive(f"model.{key}", m[key])
+                check_positive(f"model.{key}", m[key])
         if m["hidden_size"] % m["num_heads"]:
             raise ValueError(f"model.hidden_size={m['hidden_size']} must be divisible by model.num_heads={m['num_heads']}")
     return ModelSpec(**m)
@@ -159,13 +159,13 @@ def _method_restarts(m: dict) -> tuple[int | None, str, bool, int]:
     """(merge_every, group_switch, jagged_schedule, restart_warmup_steps) of the method config."""
     merge_every = m.get("merge_every")
     if merge_every is not None:
-        _positive("method.merge_every", merge_every)
+        check_positive("method.merge_every", merge_every)
     group_switch = m.get("group_switch", "none")
-    _choice("method.group_switch", group_switch, GROUP_SWITCHES)
+    check_choice("method.group_switch", group_switch, GROUP_SWITCHES)
     if group_switch != "none" and merge_every is None:
         raise ValueError(f"method.group_switch={group_switch!r} needs method.merge_every (a switch happens at a merge)")
     restart_warmup = m.get("restart_warmup_steps", 0)
-    _positive("method.restart_warmup_steps", restart_warmup, allow_zero=True)
+    check_positive("method.restart_warmup_steps", restart_warmup, allow_zero=True)
     return merge_every, group_switch, bool(m.get("jagged_schedule", False)), restart_warmup
 
 
@@ -174,10 +174,10 @@ def _train_spec(cfg: DictConfig, merge_every: int | None, jagged: bool, restart_
     ReLoRA's jagged cosine (Section 5.3): LR zero at each merge, ``restart_warmup`` steps back up."""
     t = OmegaConf.to_container(cfg.train, resolve=True)
     for key in ("max_steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
-        _positive(f"train.{key}", t[key])
-    _positive("train.warmup_steps", t["warmup_steps"], allow_zero=True)
-    _choice("train.scheduler", t["scheduler"], SCHEDULERS)
-    _choice("train.dtype", t["dtype"], DTYPES)
+        check_positive(f"train.{key}", t[key])
+    check_positive("train.warmup_steps", t["warmup_steps"], allow_zero=True)
+    check_choice("train.scheduler", t["scheduler"], SCHEDULERS)
+    check_choice("train.dtype", t["dtype"], DTYPES)
     min_ratio = float(t.get("min_lr_ratio", 0.0))
     if not 0.0 <= min_ratio <= 1.0:
         raise ValueError(f"train.min_lr_ratio must lie in [0, 1], got {min_ratio}")
@@ -203,7 +203,7 @@ def _train_spec(cfg: DictConfig, merge_every: int | None, jagged: bool, restart_
 
 def _task_spec(cfg: DictConfig):
     t = OmegaConf.to_container(cfg.task, resolve=True)
-    _choice("task", t.get("name"), TASKS)
+    check_choice("task", t.get("name"), TASKS)
     if t["name"] == "c4":
         from experiments.c4_task import C4TaskSpec  # tokenizers/datasets only when the task needs them
 
@@ -212,10 +212,10 @@ def _task_spec(cfg: DictConfig):
         from experiments.finetune_task import FinetuneTaskSpec
 
         return FinetuneTaskSpec.from_dict(t)
-    _positive("task.n_pairs", t["n_pairs"])
-    _positive("task.eval_batch_size", t["eval_batch_size"])
+    check_positive("task.n_pairs", t["n_pairs"])
+    check_positive("task.eval_batch_size", t["eval_batch_size"])
     if t.get("eval_pairs") is not None:
-        _positive("task.eval_pairs", t["eval_pairs"])
+        check_positive("task.eval_pairs", t["eval_pairs"])
     return UUIDTaskSpec(**t)
 
 
@@ -260,10 +260,10 @@ def default_run_name(cfg: DictConfig, adapter: AdapterConfig, lr: float) -> str:
 
 def build_run_config(cfg: DictConfig, cuda_available: bool) -> RunConfig:
     """Validate the composed config; raises ValueError naming the offending field."""
-    _choice("scale", cfg.scale.name, SCALES)
-    _choice("device", cfg.device, DEVICES)
-    _choice("logger", cfg.logger.kind, LOGGERS)
-    _positive("seed", cfg.seed, allow_zero=True)
+    check_choice("scale", cfg.scale.name, SCALES)
+    check_choice("device", cfg.device, DEVICES)
+    check_choice("logger", cfg.logger.kind, LOGGERS)
+    check_positive("seed", cfg.seed, allow_zero=True)
     model = _model_spec(cfg)
     device = ("cuda" if cuda_available else "cpu") if cfg.device == "auto" else cfg.device
     if device == "cuda" and not cuda_available:

@@ -11,6 +11,7 @@ from analysis import (PAPER_TABLE2, GroupKey, Run, aggregate_curves, best_groups
                       plot_fig2, plot_fig3, select_learning_rates, table2_markdown)
 from analysis.__main__ import main as cli_main
 from analysis.runs import format_stat
+from tests.conftest import execute_notebook
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "fixtures" / "uuid_runs"
@@ -180,13 +181,6 @@ def test_cli_writes_report_and_fails_without_runs(tmp_path, capsys):
 
 
 def test_notebook_executes_on_the_fixture():
-    import nbclient  # test dependencies (pyproject [test]): a missing one fails, never skips
-    import nbformat
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    params.source = f"RUNS = {str(FIXTURE)!r}\nOUT = None"
-    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
-                            resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    outputs = execute_notebook(NOTEBOOK, FIXTURE, timeout=120)
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 2
     assert any("[paper 42.5]" in o.get("data", {}).get("text/markdown", "") for o in outputs)

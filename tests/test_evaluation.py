@@ -35,13 +35,7 @@ MATH_SUBJECTS = [f"math_metamath_{s}" for s in ("algebra", "counting_and_probabi
 LOGLIKELIHOOD_TASKS = ["gsm8k_local_answer_nll", "pubmedqa_local", "pubmed_abstracts_ppl"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and the CI machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -37,13 +37,7 @@ RUNS = ([("tulu", method, "finetune_r8") for method in METHODS]
         + [(task, "mora", "finetune_r256") for task in ("metamath", "biomed")])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and the CI machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def overrides(task: str, method: str, experiment: str, out_root) -> list[str]:

@@ -12,6 +12,7 @@ from analysis import (PAPER_ORDER, PAPER_TABLE3, PretrainKey, fig5_markdown, gro
 from analysis.__main__ import main as cli_main
 from analysis.pretrain_figures import moving_average
 from analysis.runs import format_stat
+from tests.conftest import execute_notebook
 from experiments.records import RunRecord
 from experiments.spectra import FIG5_MODULE_TYPES, save_spectra
 
@@ -227,14 +228,7 @@ def test_cli_writes_report_and_fails_without_c4_runs(root, tmp_path, capsys):
 
 
 def test_notebook_executes_on_the_runs(root):
-    import nbclient  # test dependencies (pyproject [test]): a missing one fails, never skips
-    import nbformat
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    params.source = f"RUNS = {str(root)!r}\nOUT = None"
-    nbclient.NotebookClient(nb, timeout=180, kernel_name="python3",
-                            resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    outputs = execute_notebook(NOTEBOOK, root, timeout=180)
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 2
     markdown = "".join(o.get("data", {}).get("text/markdown", "") for o in outputs)
     assert "| LoRA | 128 (mini 21) | 0.003 | 42.00 ± 1.41 (2) | 33.40 | 28.56 |" in markdown

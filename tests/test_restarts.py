@@ -26,12 +26,7 @@ EXTRA = ("embed_tokens", "norm", "lm_head")  # trainable besides the adapters, a
 VOCAB, SEQ = 64, 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(method: str, seed: int = 0, **config) -> tuple[LlamaForCausalLM, AdapterConfig]:

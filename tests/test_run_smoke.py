@@ -32,14 +32,7 @@ RUNS = [[f"method={m}"] + (["method.merge_every=2"] if m in ("relora", "remora")
         for m in METHODS if m != "mora"] + [["method=mora", f"method.operator={op}"] for op in MORA_OPERATORS]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: tiny matmuls gain nothing from more, and a busy shared machine makes
-    spinning OpenMP workers many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def metric_rows(run_dir: Path) -> list[dict]:
