@@ -4,7 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test test-fast bench rank-table fig2 fig3 table2 uuid fig4 table3 fig5 pretrain pretrain-lr-sweep clean
+.PHONY: install test test-fast bench rank-table fig2 fig3 table2 uuid fig4 table3 fig5 pretrain pretrain-lr-sweep \
+        table1 table1-instruct table1-math table1-biomed table4 table6 finetune finetune-lr-sweep clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +73,56 @@ fig4 table3 fig5 pretrain: $(STAMP)
 pretrain-lr-sweep: $(STAMP)
 	$(PRETRAIN) method=fft,lora,mora,relora,remora lr=1e-3,3e-3,1e-2 seed=0 out_root=results/lr_sweep
 	$(PY) -m analysis pretrain-lr --runs results/lr_sweep --out reports/pretrain
+
+# ---- Fine-tuning (Section 5.2, Table 5, Appendix C), mini scale: stories260K, 100 steps, lm-eval after
+# training. Runs are small, so JOBS of them run at once (Hydra's joblib launcher, one thread each);
+# completed runs are skipped, so the targets share their runs (Table 4's rotate r=8 and share r=256 are
+# Table 1's MoRA rows; Table 6 is Table 1's BioMed column).
+JOBS        ?= 2
+FINETUNE    := OMP_NUM_THREADS=1 $(PY) experiments/run.py -m hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS)
+FT_METHODS  := lora,loraplus,asylora,relora,dora,mora
+FT_REPORT   := $(PY) -m analysis finetune --runs results/runs --out reports/finetune
+
+## Table 1, instruction-tuning column (mini: an Alpaca sample stands in for Tülu v2; held-out response NLL)
+table1-instruct: $(STAMP)
+	$(FINETUNE) experiment=finetune_r8 task=tulu method=fft seed=$(SEEDS)
+	$(FINETUNE) experiment=finetune_r8,finetune_r256 task=tulu method=$(FT_METHODS) seed=$(SEEDS)
+	$(FT_REPORT)
+
+## Table 1, mathematical-reasoning column (mini: GSM8K train in MetaMath's style; GSM8K test)
+table1-math: $(STAMP)
+	$(FINETUNE) experiment=finetune_r8 task=metamath method=fft seed=$(SEEDS)
+	$(FINETUNE) experiment=finetune_r8,finetune_r256 task=metamath method=$(FT_METHODS) seed=$(SEEDS)
+	$(FT_REPORT)
+
+## Table 1, continual-pretraining column (mini: PubMedQA abstracts via AdaptLLM; PubMedQA + abstract perplexity)
+table1-biomed: $(STAMP)
+	$(FINETUNE) experiment=finetune_r8 task=biomed method=fft seed=$(SEEDS)
+	$(FINETUNE) experiment=finetune_r8,finetune_r256 task=biomed method=$(FT_METHODS) seed=$(SEEDS)
+	$(FT_REPORT)
+
+## Table 1: every method at r = 8 and 256 on the three mini tasks (the three targets above)
+table1: table1-instruct table1-math table1-biomed
+
+## Table 4: MoRA's four compress/decompress operators (Eqs. 4, 6, 8, 9) at r = 8 and 256 on GSM8K
+table4: $(STAMP)
+	$(FINETUNE) experiment=finetune_r8,finetune_r256 task=metamath method=mora method.operator=truncate,share,decouple,rotate seed=$(SEEDS)
+	$(FT_REPORT)
+
+## Table 6: FFT, LoRA and MoRA at r = 8 and 256 on biomedicine (mini: PubMedQA-L; Table 7, finance, is paper-only)
+table6: $(STAMP)
+	$(FINETUNE) experiment=finetune_r8 task=biomed method=fft seed=$(SEEDS)
+	$(FINETUNE) experiment=finetune_r8,finetune_r256 task=biomed method=lora,mora seed=$(SEEDS)
+	$(FT_REPORT)
+
+finetune: table1 table4 table6
+
+## how the fine-tuning mini learning rates were chosen: seed 0 of every Table 1 arm on metamath over a
+## grid (results/ft_lr_sweep/), reports/finetune/lr_sweep.md
+finetune-lr-sweep: $(STAMP)
+	$(FINETUNE) experiment=finetune_r8 task=metamath method=fft lr=3e-4,1e-3,3e-3 seed=0 out_root=results/ft_lr_sweep
+	$(FINETUNE) experiment=finetune_r8,finetune_r256 task=metamath method=$(FT_METHODS) lr=1e-3,3e-3,1e-2,3e-2 seed=0 out_root=results/ft_lr_sweep
+	$(PY) -m analysis finetune-lr --runs results/ft_lr_sweep --out reports/finetune
 
 clean:
 	rm -rf $(VENV) .pytest_cache results/bench

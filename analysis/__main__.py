@@ -1,7 +1,8 @@
-"""``python -m analysis uuid|pretrain --runs results/runs --out reports/<name>``: the paper's figures and tables.
+"""``python -m analysis uuid|pretrain|finetune --runs results/runs --out reports/<name>``: the paper's figures and tables.
 
 ``uuid``: Fig. 2, Fig. 3 and Table 2 (UUID memorisation). ``pretrain``: Fig. 4, Table 3 and Fig. 5
-(C4 pretraining). Reads run folders only; exits 1 with a message when no run matches.
+(C4 pretraining). ``finetune``: Tables 1, 4, 6 and 7 (fine-tuning, lm-eval scores). Reads run folders
+only; exits 1 with a message when no run matches.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import yaml
 
 from analysis.pretrain_figures import (FIG5_THRESHOLD, group_pretrain_runs, load_pretrain_runs, lr_sweep_markdown,
                                       write_pretrain_report)
+from analysis.finetune_tables import load_finetune_runs, lr_sweep_markdown as finetune_lr_markdown, write_finetune_report
 from analysis.runs import load_runs
 from experiments.records import find_runs
 from analysis.uuid_figures import write_uuid_report
@@ -50,6 +52,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sweep = sub.add_parser("pretrain-lr", help="C4 learning-rate sweep: lr_sweep.md (perplexity per lr)")
     sweep.add_argument("--runs", type=Path, default=Path("results/lr_sweep"), help="sweep root (default: %(default)s)")
     sweep.add_argument("--out", type=Path, default=Path("reports/pretrain"), help="output folder (default: %(default)s)")
+    finetune = sub.add_parser("finetune", help="fine-tuning: table1.md, table4.md, table6.md, table7.md (those the runs support)")
+    finetune.add_argument("--runs", type=Path, default=Path("results/runs"), help="results root (default: %(default)s)")
+    finetune.add_argument("--out", type=Path, default=Path("reports/finetune"),
+                          help="output folder (default: %(default)s)")
+    finetune.add_argument("--where", type=_filter, action="append", default=[], metavar="KEY=VALUE",
+                          help="keep runs whose config has this dotted key's value, e.g. scale.name=mini")
+    ft_sweep = sub.add_parser("finetune-lr", help="fine-tuning learning-rate sweep: lr_sweep.md")
+    ft_sweep.add_argument("--runs", type=Path, default=Path("results/ft_lr_sweep"),
+                          help="sweep root (default: %(default)s)")
+    ft_sweep.add_argument("--out", type=Path, default=Path("reports/finetune"),
+                          help="output folder (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.report == "pretrain" and args.smooth < 1:
         parser.error(f"--smooth must be at least 1, got {args.smooth}")
@@ -127,9 +140,45 @@ def pretrain_lr_report(args: argparse.Namespace) -> int:
     return _report_results([args.out / "lr_sweep.md"], [], n_runs, start)
 
 
+def finetune_report(args: argparse.Namespace) -> int:
+    """Load the fine-tuning runs, write the tables they support; 1 if nothing was written."""
+    start = time.perf_counter()
+    if _no_runs_folder(args.runs):
+        return 1
+    try:
+        runs = load_finetune_runs(args.runs, **dict(args.where))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if not runs:
+        print(f"error: no fine-tuning run folders (task tulu, metamath, biomed, finance) under {args.runs} "
+              f"(filters={dict(args.where) or 'none'}); run experiments/run.py experiment=finetune_r8 first",
+              file=sys.stderr)
+        return 1
+    return _report_results(*write_finetune_report(runs, args.out), len(runs), start)
+
+
+def finetune_lr_report(args: argparse.Namespace) -> int:
+    """Write the fine-tuning learning-rate sweep table; 1 if there is nothing to report."""
+    start = time.perf_counter()
+    if _no_runs_folder(args.runs):
+        return 1
+    try:
+        runs = load_finetune_runs(args.runs)
+        text = finetune_lr_markdown(runs)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "lr_sweep.md").write_text(text)
+    print(text)
+    return _report_results([args.out / "lr_sweep.md"], [], len(runs), start)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return {"uuid": uuid_report, "pretrain": pretrain_report, "pretrain-lr": pretrain_lr_report}[args.report](args)
+    return {"uuid": uuid_report, "pretrain": pretrain_report, "pretrain-lr": pretrain_lr_report,
+            "finetune": finetune_report, "finetune-lr": finetune_lr_report}[args.report](args)
 
 
 if __name__ == "__main__":
