@@ -424,6 +424,40 @@ def lr_sweep_markdown(runs: Sequence[FinetuneRun]) -> str:
     return "\n".join(out)
 
 
+def plot_table1(runs: Sequence[FinetuneRun], out_path: str | Path | None = None):
+    """Table 1 as a figure: one panel per task, one bar per arm (its task's primary score, mean ± std
+    over seeds), FFT first, r = 8 arms light and r = 256 arms dark. Saved as PNG and PDF at ``out_path``."""
+    from analysis.uuid_figures import save_figure  # matplotlib only when a figure is drawn
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in FINETUNE_TASKS if cells_by_arm(runs, t)]
+    if not tasks:
+        raise ValueError("the Table 1 figure needs completed fine-tuning runs with lm-eval scores; none found")
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.8 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        cells, metric = cells_by_arm(runs, task), present_metrics(task, [r for r in runs if r.task == task])[0]
+        arms = [a for a in table1_arms() if a in cells]
+        stats = [cells[a].stats[metric] for a in arms]
+        colors = ["0.35" if a.rank is None else ("tab:blue" if a.rank == 8 else "tab:orange") for a in arms]
+        ax.bar(range(len(arms)), [s.mean for s in stats], color=colors,
+               yerr=[0.0 if math.isnan(s.std) else s.std for s in stats], capsize=3)
+        ax.set_xticks(range(len(arms)), [arm_label(a).replace(" (", "\n(") + ("" if a.rank is None else f"\nr={a.rank}")
+                                         for a in arms], fontsize=7)
+        finite = [s.mean for s in stats if not math.isnan(s.mean)]
+        if finite and not metric.percent:  # NLLs differ in the second decimal: zoom onto the bars
+            span = max(finite) - min(finite) or 0.1
+            ax.set_ylim(min(finite) - 0.5 * span, max(finite) + 0.5 * span)
+        ax.set_title(task)
+        ax.set_ylabel(metric.label)
+    seeds = sorted({len(c.runs) for t in tasks for c in cells_by_arm(runs, t).values()})
+    fig.suptitle(f"Table 1 ({'/'.join(sorted({r.scale for r in runs}))} scale): primary score per arm, "
+                 f"mean ± std over {'/'.join(map(str, seeds))} seeds")
+    fig.tight_layout()
+    if out_path is not None:
+        save_figure(fig, out_path)
+    return fig
+
+
 REPORTS = {"table1.md": table1_markdown, "table4.md": table4_markdown, "table6.md": table6_markdown,
            "table7.md": table7_markdown}
 
@@ -441,4 +475,11 @@ def write_finetune_report(runs: Sequence[FinetuneRun], out_dir: str | Path) -> t
             continue
         (out_dir / name).write_text(text)
         written.append(out_dir / name)
+    try:
+        import matplotlib.pyplot as plt
+
+        plt.close(plot_table1(runs, out_dir / "table1"))
+        written += [out_dir / "table1.png", out_dir / "table1.pdf"]
+    except ValueError as err:
+        skipped.append(f"table1.png: {err}")
     return written, skipped

@@ -145,10 +145,34 @@ def test_lr_sweep_marks_the_chosen_rate(runs):
 def test_cli_writes_the_supported_tables_and_fails_without_runs(root, tmp_path, capsys):
     out = tmp_path / "out"
     assert cli_main(["finetune", "--runs", str(root), "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["table1.md", "table4.md", "table6.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["table1.md", "table1.pdf", "table1.png", "table4.md", "table6.md"]
     assert "table7.md: Table 7" in capsys.readouterr().err
     assert cli_main(["finetune", "--runs", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 1
     assert cli_main(["finetune", "--runs", str(root), "--out", str(tmp_path / "y"), "--where", "seed=7"]) == 1
     assert "no fine-tuning run folders" in capsys.readouterr().err
     assert cli_main(["finetune-lr", "--runs", str(root), "--out", str(tmp_path / "z")]) == 0
     assert "| LoRA | 8 | 2.900" in (tmp_path / "z" / "lr_sweep.md").read_text()
+
+
+def test_report_draws_table1_as_png_and_pdf(runs, tmp_path):
+    from analysis.finetune_tables import write_finetune_report
+
+    written, skipped = write_finetune_report(runs, tmp_path)
+    assert {p.name for p in written} == {"table1.md", "table4.md", "table6.md", "table1.png", "table1.pdf"}
+    assert all(p.stat().st_size > 1000 for p in written if p.suffix in (".png", ".pdf"))
+    assert [s.split(":")[0] for s in skipped] == ["table7.md"]
+
+
+def test_notebook_executes_on_the_runs(root):
+    from pathlib import Path
+
+    from tests.conftest import execute_notebook
+
+    notebook = Path(__file__).resolve().parent.parent / "notebooks" / "finetuning.ipynb"
+    outputs = execute_notebook(notebook, root, timeout=180)
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 1
+    markdown = "".join(o.get("data", {}).get("text/markdown", "") for o in outputs)
+    assert "## Table 1" in markdown and "## Table 4" in markdown and "## Table 6" in markdown
+    assert "| truncate | Eq. 4 | 2.850 ± 0.071 (2)" in markdown
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "table7_markdown: Table 7" in text
