@@ -9,6 +9,10 @@ A run folder holds
 - ``summary.json``: written once at the end (``status`` and whatever the caller reports); absent
   while the run is in progress or if it died without a word.
 
+Under a distributed launcher (torchrun, ``accelerate launch``) every process builds a
+:class:`RunRecord`, but only global rank 0 writes the folder (:func:`process_rank`); the others get
+a record whose writes do nothing, so one run leaves one folder, one metrics file, one summary.
+
 Tables, figures and notebooks read runs only through :func:`read_run` and :func:`find_runs`, which
 need nothing beyond json and yaml. Every whole-file write is atomic (temp file in the same folder,
 fsync, ``os.replace``), so a crash leaves either the old file or the new one, never half of one.
@@ -43,8 +47,9 @@ class RunRecord:
     run began, summed over resumed sessions (a crashed session counts up to its last logged line).
     """
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, writer: bool = True):
         self.dir = Path(run_dir)
+        self.writer = writer  # False on ranks other than 0: log/truncate/summary write nothing
         self._elapsed_before = 0.0
         self._started = time.monotonic()
 
@@ -58,8 +63,11 @@ class RunRecord:
         :meth:`truncate_after` with the checkpoint's step), drops the old ``summary.json`` and
         rewrites ``config.yaml`` so it shows the ignored keys' new values.
         A fresh start refuses a folder that already holds a run rather than overwrite it.
+        On a rank other than 0 nothing is checked or written (rank 0 does both).
         """
         run_dir = Path(run_dir)
+        if process_rank() != 0:
+            return cls(run_dir, writer=False)
         resuming = resume and (run_dir / CONFIG).exists()
         if resuming:
             _check_resumable(run_dir, config, ignore_on_resume)
@@ -88,6 +96,8 @@ class RunRecord:
         """
         if "time" in metrics:
             raise ValueError("'time' is reserved in metrics.jsonl for the run's elapsed seconds")
+        if not self.writer:
+            return
         line = json.dumps({"step": int(step), "time": round(self.elapsed(), 3), **metrics}, default=_scalar)
         with open(self.dir / METRICS, "a", encoding="utf-8") as f:
             f.write(line + "\n")
@@ -97,6 +107,8 @@ class RunRecord:
     def truncate_after(self, step: int | float) -> None:
         """Drop the metrics logged after ``step`` (a resumed run repeats them) and restart the clock
         from the last line kept."""
+        if not self.writer:
+            return
         kept = [m for m in _read_jsonl(self.dir / METRICS) if m["step"] <= step]
         _atomic_write_text(self.dir / METRICS, "".join(json.dumps(m) + "\n" for m in kept))
         self._elapsed_before = kept[-1]["time"] if kept else 0.0
@@ -109,8 +121,27 @@ class RunRecord:
             raise ValueError(f"summary status must be one of {STATUSES}, got {summary.get('status')!r}")
         full = {"status": summary["status"], **summary, "wall_time_s": round(self.elapsed(), 3),
                 "finished_at": _now_iso()}
+        if not self.writer:
+            return full
         _atomic_write_text(self.dir / SUMMARY, json.dumps(full, indent=2, default=_scalar) + "\n")
         return full
+
+
+def process_rank() -> int:
+    """This process's global rank as distributed launchers set it (torchrun and ``accelerate
+    launch`` set ``RANK``, MPI its own variable); 0 for a process launched alone."""
+    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
+def world_size() -> int:
+    """How many processes the launcher started (1 when launched alone)."""
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 1
 
 
 def _scalar(value: Any) -> Any:
@@ -210,10 +241,11 @@ def package_versions() -> dict[str, str | None]:
 
 
 def hardware() -> dict[str, Any]:
-    """Platform, CPU model and counts, RAM, torch threads and CUDA devices (when torch is here)."""
+    """Platform, CPU model and counts, RAM, torch threads, CUDA devices (when torch is here) and
+    the number of processes the run was launched with."""
     info = {"platform": platform.platform(), "processor": _cpu_model(), "cpu_count": os.cpu_count(),
             "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "ram_gib": _ram_gib(), "torch_threads": None, "cuda_devices": []}
+            "ram_gib": _ram_gib(), "torch_threads": None, "cuda_devices": [], "world_size": world_size()}
     try:
         import torch
     except ImportError:

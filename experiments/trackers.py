@@ -11,6 +11,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
+from .records import process_rank
+
 TRACKER_KINDS = ("none", "wandb")
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -80,9 +82,10 @@ class WandbTracker:
 
 def make_tracker(kind: str, **kwargs: Any) -> Tracker:
     """The tracker for config field ``logger``: ``"none"`` (ignores ``kwargs``) or ``"wandb"``
-    (``kwargs`` go to :class:`WandbTracker`)."""
-    if kind == "none":
+    (``kwargs`` go to :class:`WandbTracker`). Under a distributed launcher only rank 0 tracks,
+    as only it writes the run folder: the other ranks get a :class:`NullTracker`."""
+    if kind not in TRACKER_KINDS:
+        raise ValueError(f"logger must be one of {TRACKER_KINDS}, got {kind!r}")
+    if kind == "none" or process_rank() != 0:
         return NullTracker()
-    if kind == "wandb":
-        return WandbTracker(**kwargs)
-    raise ValueError(f"logger must be one of {TRACKER_KINDS}, got {kind!r}")
+    return WandbTracker(**kwargs)

@@ -147,6 +147,19 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler) -> LoopState:
     return LoopState(**ckpt["loop"])
 
 
+def _check_sharding(accelerator, batch_size: int) -> None:
+    """Each process takes ``batch_size / num_processes`` rows of every global batch (the tasks
+    shard by process index), so the batch must divide evenly: then the mean of the processes'
+    gradients is the global batch's. DeepSpeed is told that per-process size, since the loop
+    prepares no dataloader for it to read one from (accelerate refuses ``auto`` otherwise)."""
+    if batch_size % accelerator.num_processes:
+        raise ValueError(f"train.batch_size={batch_size} must be divisible by the number of processes "
+                         f"({accelerator.num_processes}): every process takes an equal share of each batch")
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size // accelerator.num_processes
+
+
 def train(model, task, adapter: AdapterConfig, train_spec: TrainSpec, lr: float, record: RunRecord,
           tracker, *, device: str, resume: bool, merge_every: int | None = None,
           group_switch: str = "none") -> dict:
@@ -157,6 +170,7 @@ def train(model, task, adapter: AdapterConfig, train_spec: TrainSpec, lr: float,
     """
     _check_restarts(model, merge_every, group_switch)
     accelerator = Accelerator(cpu=device == "cpu", gradient_accumulation_steps=train_spec.grad_accum)
+    _check_sharding(accelerator, train_spec.batch_size)
     optimizer = build_optimizer(model, adapter, lr=lr, weight_decay=train_spec.weight_decay)
     scheduler = _build_scheduler(optimizer, train_spec, merge_every)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -195,8 +209,11 @@ def _optimizer_step(model, task, accelerator, optimizer, scheduler, spec: TrainS
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.accumulate(model):
             loss = model(**batch).loss
-            if not torch.isfinite(loss):
-                raise DivergedError(f"loss is {loss.item()} at step {state.step + 1}; stopping. The last "
+            # the mean over processes: the global batch's loss (equal-sized shards), the same
+            # value on every rank, so all ranks stop together on a NaN instead of one hanging
+            global_loss = accelerator.reduce(loss.detach(), reduction="mean")
+            if not torch.isfinite(global_loss):
+                raise DivergedError(f"loss is {global_loss.item()} at step {state.step + 1}; stopping. The last "
                                     "checkpoint holds the last good state")
             accelerator.backward(loss)
             if spec.grad_clip and accelerator.sync_gradients:
@@ -205,7 +222,7 @@ def _optimizer_step(model, task, accelerator, optimizer, scheduler, spec: TrainS
             if accelerator.sync_gradients:
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        total += loss.item() / spec.grad_accum
+        total += global_loss.item() / spec.grad_accum
     state.window_loss += total
     state.window_steps += 1
     return total
