@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python experiments/run.py` from a checkout
 
 from experiments.models import build_llama_from_config, load_model  # noqa: E402
-from experiments.records import RunRecord  # noqa: E402
+from experiments.records import RunRecord, process_rank  # noqa: E402
 from experiments.schema import RunConfig, build_run_config  # noqa: E402
 from experiments.trackers import make_tracker  # noqa: E402
 from experiments.training import DivergedError, train  # noqa: E402
@@ -55,9 +55,12 @@ def execute(cfg: DictConfig) -> dict:
     torch.manual_seed(run.seed)
     model, task = build_model_and_task(run)
     inject_adapters(model, run.adapter)
-    print(describe_adapters(model, run))
-    if hasattr(task, "describe"):
-        print(task.describe())
+    # under a distributed launcher every process trains; rank 0 alone reports, evaluates and saves
+    main_process = process_rank() == 0
+    if main_process:
+        print(describe_adapters(model, run))
+        if hasattr(task, "describe"):
+            print(task.describe())
     config = OmegaConf.to_container(cfg, resolve=True) | {"resolved": {
         "lr": run.lr, "out_dir": str(run.out_dir), "effective_rank": run.rank.rank,
         "rank_representable": run.rank.representable, "rank_mapping": run.rank.describe(),
@@ -68,9 +71,10 @@ def execute(cfg: DictConfig) -> dict:
     try:
         final = train(model, task, run.adapter, run.train, run.lr, record, tracker, device=run.device,
                       resume=run.resume, merge_every=run.merge_every, group_switch=run.group_switch)
-        if run.singular_values:
+        if run.singular_values and main_process:
             _save_delta_spectra(run, model)
-        final |= run_benchmarks(run, model, task.tokenizer)
+        if main_process:
+            final |= run_benchmarks(run, model, task.tokenizer)
     except DivergedError as err:
         final, status = {"error": str(err)}, "diverged"
     finally:
@@ -78,8 +82,9 @@ def execute(cfg: DictConfig) -> dict:
     summary = {"status": status, "final": final, "train_seconds": time.time() - start,
                "trainable_parameters": trainable_parameter_count(model)}
     record.write_summary(summary)
-    print(f"[{status}] {run.out_dir} :: " + ", ".join(f"{k}={v:.4g}" for k, v in final.items()
-                                                       if isinstance(v, float)))
+    if main_process:
+        print(f"[{status}] {run.out_dir} :: " + ", ".join(f"{k}={v:.4g}" for k, v in final.items()
+                                                           if isinstance(v, float)))
     return summary
 
 
