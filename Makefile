@@ -5,7 +5,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: install test test-fast bench rank-table fig2 fig3 table2 uuid fig4 table3 fig5 pretrain pretrain-lr-sweep \
-        table1 table1-instruct table1-math table1-biomed table4 table6 finetune finetune-lr-sweep clean
+        table1 table1-instruct table1-math table1-biomed table4 table6 finetune finetune-lr-sweep \
+        all snapshot clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -123,6 +124,16 @@ finetune-lr-sweep: $(STAMP)
 	$(FINETUNE) experiment=finetune_r8 task=metamath method=fft lr=3e-4,1e-3,3e-3,1e-2 seed=0 out_root=results/ft_lr_sweep
 	$(FINETUNE) experiment=finetune_r8,finetune_r256 task=metamath method=$(FT_METHODS) lr=1e-3,3e-3,1e-2,3e-2,1e-1 seed=0 out_root=results/ft_lr_sweep
 	$(PY) -m analysis finetune-lr --runs results/ft_lr_sweep --out reports/finetune
+
+# ---- Everything
+
+## every table and figure at mini scale from a fresh clone, offline: reports/{uuid,pretrain,finetune}/
+all: uuid pretrain finetune
+
+## copy the mini run folders behind the README's numbers (no checkpoints) into tests/fixtures/measured/,
+## where the suite re-renders every notebook from them and checks the README's numbers
+snapshot: $(STAMP)
+	$(PY) -m analysis.snapshot --runs results/runs --out tests/fixtures/measured --scale mini
 
 clean:
 	rm -rf $(VENV) .pytest_cache results/bench

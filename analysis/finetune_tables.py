@@ -433,7 +433,7 @@ def plot_table1(runs: Sequence[FinetuneRun], out_path: str | Path | None = None)
     tasks = [t for t in FINETUNE_TASKS if cells_by_arm(runs, t)]
     if not tasks:
         raise ValueError("the Table 1 figure needs completed fine-tuning runs with lm-eval scores; none found")
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.8 * len(tasks), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(6.5, 5.5 * len(tasks)), 4.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         cells, metric = cells_by_arm(runs, task), present_metrics(task, [r for r in runs if r.task == task])[0]
         arms = [a for a in table1_arms() if a in cells]
@@ -450,8 +450,8 @@ def plot_table1(runs: Sequence[FinetuneRun], out_path: str | Path | None = None)
         ax.set_title(task)
         ax.set_ylabel(metric.label)
     seeds = sorted({len(c.runs) for t in tasks for c in cells_by_arm(runs, t).values()})
-    fig.suptitle(f"Table 1 ({'/'.join(sorted({r.scale for r in runs}))} scale): primary score per arm, "
-                 f"mean ± std over {'/'.join(map(str, seeds))} seeds")
+    fig.suptitle(f"Table 1, {'/'.join(sorted({r.scale for r in runs}))} scale: mean ± std over "
+                 f"{'/'.join(map(str, seeds))} seeds (grey FFT, blue r=8, orange r=256)", fontsize=10)
     fig.tight_layout()
     if out_path is not None:
         save_figure(fig, out_path)

@@ -1,0 +1,61 @@
+"""``python -m analysis.snapshot --runs results/runs --out tests/fixtures/measured --scale mini``.
+
+Copies the run folders behind the README's measured numbers, without what is large and not read by
+``analysis/`` (checkpoints, lm-eval's per-task detail), so the test suite can re-render every notebook
+from the very runs the README reports and check its numbers (tests/test_measured_results.py). The
+copy replaces ``--out`` wholesale, so a run deleted from ``--runs`` disappears from the snapshot too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from experiments.records import find_runs
+
+# what tables, figures and notebooks read (experiments/records.py, experiments/spectra.py)
+KEPT_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "environment.json", "spectra.safetensors")
+
+
+def snapshot(runs: Path, out: Path, scale: str) -> list[Path]:
+    """Copy every completed run of ``scale`` under ``runs`` into ``out`` (same relative paths, only
+    :data:`KEPT_FILES`); returns the copied folders. ``out`` is emptied first."""
+    records = [r for r in find_runs(runs, **{"scale.name": scale})
+               if (r["summary"] or {}).get("status") == "completed"]
+    if not records:
+        raise ValueError(f"no completed runs of scale {scale!r} under {runs}")
+    if out.exists():
+        shutil.rmtree(out)
+    copied = []
+    for record in records:
+        source = Path(record["dir"])
+        target = out / source.relative_to(runs)
+        target.mkdir(parents=True)
+        for name in KEPT_FILES:
+            if (source / name).exists():
+                shutil.copy2(source / name, target / name)
+        copied.append(target)
+    return copied
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis.snapshot", description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, default=Path("results/runs"), help="results root (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("tests/fixtures/measured"),
+                        help="snapshot folder, replaced (default: %(default)s)")
+    parser.add_argument("--scale", default="mini", help="which scale's runs (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        copied = snapshot(args.runs.resolve(), args.out, args.scale)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    size = sum(f.stat().st_size for d in copied for f in d.iterdir())
+    print(f"copied {len(copied)} run folders ({size / 1e6:.2f} MB) to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
