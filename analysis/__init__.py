@@ -5,6 +5,9 @@ aggregates over seeds; ``analysis.uuid_figures`` draws the paper's Fig. 2, Fig. 
 them; ``python -m analysis uuid --runs results/runs --out reports/uuid`` writes all three.
 ``analysis.pretrain_figures`` draws Fig. 4, Table 3 and Fig. 5 from the C4 pretraining runs;
 ``python -m analysis pretrain --runs results/runs --out reports/pretrain`` writes them.
+``analysis.finetune_tables`` renders Tables 1, 4, 6 and 7 from the fine-tuning runs' lm-eval scores
+(``python -m analysis finetune``); ``analysis.paper_settings`` checks the paper presets against the
+paper; ``analysis.snapshot`` copies the measured runs into the test fixtures.
 """
 
 from analysis.pretrain_figures import (FIG5_THRESHOLD, PAPER_ORDER, PAPER_TABLE3, PAPER_TABLE3_MODELS, PretrainGroup,

@@ -26,8 +26,12 @@ def snapshot(runs: Path, out: Path, scale: str) -> list[Path]:
                if (r["summary"] or {}).get("status") == "completed"]
     if not records:
         raise ValueError(f"no completed runs of scale {scale!r} under {runs}")
+    readme = (out / "README.md").read_text() if (out / "README.md").exists() else None
     if out.exists():
         shutil.rmtree(out)
+    out.mkdir(parents=True)
+    if readme is not None:  # the snapshot's own description survives a refresh
+        (out / "README.md").write_text(readme)
     copied = []
     for record in records:
         source = Path(record["dir"])
