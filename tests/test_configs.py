@@ -245,6 +245,8 @@ def test_finetune_mini_presets_keep_alpha_over_r(task):
     assert run.task.source == "local" and run.task.lm_eval_tasks
 
 
-def test_finance_has_no_mini_scale_and_says_why():
+@pytest.mark.parametrize("experiment", [[], ["experiment=finetune_r8"], ["experiment=finetune_r256"]])
+def test_finance_has_no_mini_scale_and_says_why(experiment):
+    # `make table7` goes through the experiment presets: they must compose up to this message
     with pytest.raises(ValueError, match="task.hub_id"):
-        validate("task=finance", "method=lora")
+        validate(*experiment, "task=finance", "method=lora")
