@@ -11,6 +11,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -123,21 +124,26 @@ def pretrain_report(args: argparse.Namespace) -> int:
     return _report_results(written, skipped, len(runs), start)
 
 
-def pretrain_lr_report(args: argparse.Namespace) -> int:
-    """Write the learning-rate sweep table; 1 if there is nothing to report."""
+def _sweep_report(args: argparse.Namespace, render: Callable[[], tuple[str, int]]) -> int:
+    """Write the sweep table ``render()`` returns (with the number of runs it read) to
+    ``<out>/lr_sweep.md`` and print it; 1 if there is nothing to report."""
     start = time.perf_counter()
     if _no_runs_folder(args.runs):
         return 1
     try:
-        text = lr_sweep_markdown(args.runs)
+        text, n_runs = render()
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "lr_sweep.md").write_text(text)
     print(text)
-    n_runs = len(find_runs(args.runs, **{"task.name": "c4"}))
     return _report_results([args.out / "lr_sweep.md"], [], n_runs, start)
+
+
+def pretrain_lr_report(args: argparse.Namespace) -> int:
+    """Write the C4 learning-rate sweep table; 1 if there is nothing to report."""
+    return _sweep_report(args, lambda: (lr_sweep_markdown(args.runs), len(find_runs(args.runs, **{"task.name": "c4"}))))
 
 
 def finetune_report(args: argparse.Namespace) -> int:
@@ -160,19 +166,11 @@ def finetune_report(args: argparse.Namespace) -> int:
 
 def finetune_lr_report(args: argparse.Namespace) -> int:
     """Write the fine-tuning learning-rate sweep table; 1 if there is nothing to report."""
-    start = time.perf_counter()
-    if _no_runs_folder(args.runs):
-        return 1
-    try:
+    def render() -> tuple[str, int]:
         runs = load_finetune_runs(args.runs)
-        text = finetune_lr_markdown(runs)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "lr_sweep.md").write_text(text)
-    print(text)
-    return _report_results([args.out / "lr_sweep.md"], [], len(runs), start)
+        return finetune_lr_markdown(runs), len(runs)
+
+    return _sweep_report(args, render)
 
 
 def main(argv: list[str] | None = None) -> int:
