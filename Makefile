@@ -124,10 +124,12 @@ table7: $(STAMP)
 finetune: table1 table4 table6
 
 ## how the fine-tuning mini learning rates were chosen: seed 0 of every Table 1 arm on metamath over a
-## grid (results/ft_lr_sweep/), reports/finetune/lr_sweep.md
+## grid (results/ft_lr_sweep/), reports/finetune/lr_sweep.md; and a check that the biomedicine verdict
+## (MoRA vs LoRA) does not hang on reusing those rates there
 finetune-lr-sweep: $(STAMP)
 	$(FINETUNE) experiment=finetune_r8 task=metamath method=fft lr=3e-4,1e-3,3e-3,1e-2 seed=0 out_root=results/ft_lr_sweep
 	$(FINETUNE) experiment=finetune_r8,finetune_r256 task=metamath method=$(FT_METHODS) lr=1e-3,3e-3,1e-2,3e-2,1e-1 seed=0 out_root=results/ft_lr_sweep
+	$(FINETUNE) experiment=finetune_r8,finetune_r256 task=biomed method=lora,mora lr=1e-3,3e-3,1e-2,3e-2 seed=0 out_root=results/ft_lr_sweep
 	$(PY) -m analysis finetune-lr --runs results/ft_lr_sweep --out reports/finetune
 
 # ---- Everything
