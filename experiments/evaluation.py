@@ -179,6 +179,7 @@ def save_eval_results(run_dir: str | Path, results: dict, **extra: Any) -> Path:
     if results["settings"].get("limit") is None:
         saved["metrics"].update(results["metrics"])
     path = Path(run_dir) / EVAL_RESULTS
+    path.parent.mkdir(parents=True, exist_ok=True)  # eval.py --out may name a new folder
     atomic_write_bytes(path, (json.dumps(saved, indent=2) + "\n").encode("utf-8"))
     return path
 

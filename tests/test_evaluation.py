@@ -277,6 +277,8 @@ def test_flat_metric_names_and_saved_results(tmp_path):
     saved = read_eval_results(tmp_path)
     assert saved["metrics"] == {"a/acc": 0.5}  # a limited evaluation is kept but never a headline number
     assert [e["merged"] for e in saved["evaluations"]] == [False, True]
+    # eval.py --out may name a folder that does not exist yet
+    assert save_eval_results(tmp_path / "new" / "folder", full).is_file()
 
 
 def test_cli_evaluates_a_run_folder_and_its_saved_adapter(tmp_path):
