@@ -333,8 +333,8 @@ SETTINGS = (*SECTION_3, *SECTION_5_1, *SECTION_5_2, *TABLE_5, *SECTION_5_3, *APP
 
 # Stated by the paper but not a config value; listed under the table so their absence is visible.
 NOT_IN_CONFIG = (
-    ("Table 5", "biomed/finance: 1 epoch", "the corpus size is not stated; the presets hold a placeholder "
-     "train.max_steps=10000 to be set to one epoch of your converted corpus"),
+    ("Table 5", "biomed/finance: 1 epoch", "the corpus size is not stated, so the presets give train.max_steps "
+     "no value (null) and a run refuses to start until train.max_steps=N is passed"),
     ("Section 5.1", "M initialised to zeros", "code: mora/layer.py, always"),
     ("Section 5.2", "AsyLoRA's initialisation", "code: mora/adapters.py (A orthonormal and frozen, B zero)"),
     ("Section 5.3", "RMSNorm, SwiGLU, RoPE", "code: a transformers LlamaForCausalLM built from the model config"),

@@ -172,6 +172,10 @@ def _method_restarts(m: dict) -> tuple[int | None, str, bool, int]:
 def _train_spec(cfg: DictConfig, merge_every: int | None, jagged: bool, restart_warmup: int) -> TrainSpec:
     """The training settings; a merging method with ``jagged_schedule`` turns the schedule into
     ReLoRA's jagged cosine (Section 5.3): LR zero at each merge, ``restart_warmup`` steps back up."""
+    if cfg.train.max_steps is None:
+        raise ValueError(f"train.max_steps has no value for task={cfg.task.name} at scale={cfg.scale.name}: the preset "
+                         "leaves it to you (one epoch of your corpus, whose size the paper does not state); "
+                         "pass train.max_steps=N")
     t = OmegaConf.to_container(cfg.train, resolve=True)
     for key in ("max_steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
         check_positive(f"train.{key}", t[key])

@@ -222,6 +222,8 @@ def test_finetune_paper_presets_are_table_5(task, rank):
     overrides = [f"experiment=finetune_r{rank}", f"task={task}", "scale=paper"]
     if task == "finance":  # the paper's finance corpus is not public: a user must name theirs
         overrides.append("task.hub_id=my/finance-news")
+    if task in ("biomed", "finance"):  # one epoch of a corpus of unstated size: a user must give the steps
+        overrides.append("train.max_steps=2000")
     cfg = compose(*overrides, "method=lora")
     grid = cfg.lr_grid[f"r{rank}"]
     assert tuple(grid.lora) == (lora8 if rank == 8 else lora256)
@@ -250,3 +252,13 @@ def test_finance_has_no_mini_scale_and_says_why(experiment):
     # `make table7` goes through the experiment presets: they must compose up to this message
     with pytest.raises(ValueError, match="task.hub_id"):
         validate(*experiment, "task=finance", "method=lora")
+
+
+@pytest.mark.parametrize("task", ["biomed", "finance"])
+def test_one_epoch_presets_refuse_to_run_without_a_step_count(task):
+    # Table 5 trains one epoch of a corpus whose size the paper does not state: no made-up default
+    corpus = ["task.hub_id=my/finance-news"] if task == "finance" else []  # not public: a user names theirs
+    with pytest.raises(ValueError, match="train.max_steps has no value"):
+        validate("scale=paper", f"task={task}", "method=lora", *corpus, cuda_available=True)
+    run = validate("scale=paper", f"task={task}", "method=lora", *corpus, "train.max_steps=1234", cuda_available=True)
+    assert run.train.max_steps == 1234
