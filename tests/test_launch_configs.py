@@ -91,10 +91,10 @@ def test_fsdp_plugin_builds_from_the_launchers_environment(monkeypatch):
     assert all(hasattr(modeling_llama, name) for name in plugin.transformer_cls_names_to_wrap)
 
 
-def test_multi_node_placeholders_are_overridden_on_the_command_line():
+def test_multi_node_rank_and_address_come_from_each_machines_command_line():
     args = validated(LAUNCH / "multi_node.yaml", "--machine_rank", "1", "--main_process_ip", "10.1.2.3")
     assert (args.machine_rank, args.main_process_ip) == (1, "10.1.2.3")
-    assert raw(LAUNCH / "multi_node.yaml")["main_process_ip"] == "REPLACE_WITH_MAIN_NODE_IP"
+    assert raw(LAUNCH / "multi_node.yaml")["main_process_ip"] == "main-machine-address-from-command-line"
 
 
 # ------------------------------------------------------------------ Hydra launchers (multiruns)
