@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple, Sequence
 
-from analysis.runs import Stat, format_stat, mean_std
+from analysis.runs import Stat, _check_unique, format_stat, mean_std
 from experiments.records import find_runs
 from mora.adapters import METHOD_LAYERS
 
@@ -178,15 +178,10 @@ def load_finetune_runs(root: str | Path, **filters: Any) -> list[FinetuneRun]:
 
     Raises ValueError when two folders hold the same (task, scale, arm, lr, seed): averaging them would
     count one seed twice."""
-    runs = [finetune_run_from_record(record) for task in FINETUNE_TASKS
-            for record in find_runs(root, **{"task.name": task, **filters})]
-    seen: dict[tuple, list[str]] = defaultdict(list)
-    for run in runs:
-        seen[run.task, run.scale, *run.key, run.lr, run.seed].append(str(run.dir))
-    repeats = {k: v for k, v in seen.items() if len(v) > 1}
-    if repeats:
-        raise ValueError("several runs share (task, scale, method, operator, rank, lr, seed): "
-                         + "; ".join(f"{k}: {v}" for k, v in repeats.items()) + "; narrow with --where")
+    runs = [finetune_run_from_record(record) for record in find_runs(root, **filters)
+            if (record["config"].get("task") or {}).get("name") in FINETUNE_TASKS]  # one walk of the tree
+    _check_unique(runs, identity=lambda run: (run.task, run.scale, *run.key, run.lr, run.seed),
+                  fields="(task, scale, method, operator, rank, lr, seed)")
     return runs
 
 
@@ -430,12 +425,13 @@ def plot_table1(runs: Sequence[FinetuneRun], out_path: str | Path | None = None)
     from analysis.uuid_figures import save_figure  # matplotlib only when a figure is drawn
     import matplotlib.pyplot as plt
 
-    tasks = [t for t in FINETUNE_TASKS if cells_by_arm(runs, t)]
+    cells_by_task = {t: cells_by_arm(runs, t) for t in FINETUNE_TASKS}
+    tasks = [t for t in FINETUNE_TASKS if cells_by_task[t]]
     if not tasks:
         raise ValueError("the Table 1 figure needs completed fine-tuning runs with lm-eval scores; none found")
     fig, axes = plt.subplots(1, len(tasks), figsize=(max(6.5, 5.5 * len(tasks)), 4.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        cells, metric = cells_by_arm(runs, task), present_metrics(task, [r for r in runs if r.task == task])[0]
+        cells, metric = cells_by_task[task], present_metrics(task, [r for r in runs if r.task == task])[0]
         arms = [a for a in table1_arms() if a in cells]
         stats = [cells[a].stats[metric] for a in arms]
         colors = ["0.35" if a.rank is None else ("tab:blue" if a.rank == 8 else "tab:orange") for a in arms]
@@ -449,7 +445,7 @@ def plot_table1(runs: Sequence[FinetuneRun], out_path: str | Path | None = None)
             ax.set_ylim(min(finite) - 0.5 * span, max(finite) + 0.5 * span)
         ax.set_title(task)
         ax.set_ylabel(metric.label)
-    seeds = sorted({len(c.runs) for t in tasks for c in cells_by_arm(runs, t).values()})
+    seeds = sorted({len(c.runs) for t in tasks for c in cells_by_task[t].values()})
     fig.suptitle(f"Table 1, {'/'.join(sorted({r.scale for r in runs}))} scale: mean ± std over "
                  f"{'/'.join(map(str, seeds))} seeds (grey FFT, blue r=8, orange r=256)", fontsize=10)
     fig.tight_layout()
