@@ -7,7 +7,7 @@ The base model is rebuilt from the run's saved ``config.yaml`` (validated as at 
 the adapters are injected and the run's ``checkpoint.pt`` loaded into them (with the switched
 sharing groups and merged base weights of ReLoRA/ReMoRA restarts); ``--merge`` folds them into
 the base weights first, which must not change any score. Results go to ``eval_results.json``
-in the run (or adapter) folder; see experiments/evaluation.py and lm_eval_tasks/README.md.
+in the run (or adapter) folder; see experiments/evaluation/harness.py and lm_eval_tasks/README.md.
 """
 
 from __future__ import annotations
@@ -19,14 +19,17 @@ from pathlib import Path
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python experiments/eval.py` from a checkout
+# `python experiments/<script>.py` from a checkout: the repository root on the path instead of this
+# folder, whose package names (data, models, ...) must not shadow installed libraries
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from experiments.evaluation import evaluate_with_lm_eval, save_eval_results  # noqa: E402
-from experiments.models import load_model  # noqa: E402
-from experiments.offline_data import DEFAULT_DATA_ROOT  # noqa: E402
-from experiments.records import CONFIG  # noqa: E402
-from experiments.schema import REPO_ROOT, ModelSpec, build_run_config  # noqa: E402
-from experiments.training import CHECKPOINT  # noqa: E402
+from experiments.evaluation.harness import evaluate_with_lm_eval, save_eval_results  # noqa: E402
+from experiments.models.loading import load_model  # noqa: E402
+from experiments.data.offline import DEFAULT_DATA_ROOT  # noqa: E402
+from experiments.loop.records import CONFIG  # noqa: E402
+from experiments.paths import REPO_ROOT  # noqa: E402
+from experiments.schema import ModelSpec, build_run_config  # noqa: E402
+from experiments.loop.training import CHECKPOINT  # noqa: E402
 from mora.adapters import inject_adapters, load_adapter, load_adapter_state_dict, merge_and_unload  # noqa: E402
 
 

@@ -17,14 +17,16 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python experiments/run.py` from a checkout
+# `python experiments/<script>.py` from a checkout: the repository root on the path instead of this
+# folder, whose package names (data, models, ...) must not shadow installed libraries
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from experiments.models import build_llama_from_config, load_model  # noqa: E402
-from experiments.records import RunRecord, process_rank  # noqa: E402
+from experiments.models.loading import build_llama_from_config, load_model  # noqa: E402
+from experiments.loop.records import RunRecord, process_rank  # noqa: E402
 from experiments.schema import RunConfig, build_run_config  # noqa: E402
-from experiments.trackers import make_tracker  # noqa: E402
-from experiments.training import DivergedError, train  # noqa: E402
-from experiments.uuid_task import UUIDTask  # noqa: E402
+from experiments.loop.trackers import make_tracker  # noqa: E402
+from experiments.loop.training import DivergedError, train  # noqa: E402
+from experiments.tasks.uuid_memory import UUIDTask  # noqa: E402
 from mora.adapters import LLAMA_TARGETS, adapter_summary, inject_adapters, trainable_parameter_count  # noqa: E402
 
 # config keys that may change between a run and its resumption
@@ -101,14 +103,14 @@ def build_model_and_task(run: RunConfig):
 def make_task(run: RunConfig, tokenizer):
     """The task object the loop trains on, chosen by ``task.name``."""
     if run.task.name == "c4":
-        from experiments.c4_task import C4Task, build_tokenizer
+        from experiments.tasks.c4 import C4Task, build_tokenizer
 
         if tokenizer is None:  # pretraining from scratch: the task's own tokenizer (t5-base or a BPE)
             tokenizer = build_tokenizer(run.task, run.data_root)
         return C4Task(run.task, tokenizer, run.train.batch_size, run.seed, run.data_root)
     if run.task.name == "uuid":
         return UUIDTask(run.task, tokenizer, run.train.batch_size, run.seed)
-    from experiments.finetune_task import build_finetune_task
+    from experiments.tasks.finetune_spec import build_finetune_task
 
     return build_finetune_task(run.task, tokenizer, run.train.batch_size, run.seed, run.data_root)
 
@@ -119,7 +121,7 @@ def run_benchmarks(run: RunConfig, model, tokenizer) -> dict[str, float]:
     tasks = getattr(run.task, "lm_eval_tasks", ())
     if not tasks:
         return {}
-    from experiments.evaluation import evaluate_with_lm_eval, save_eval_results
+    from experiments.evaluation.harness import evaluate_with_lm_eval, save_eval_results
 
     results = evaluate_with_lm_eval(
         model, tokenizer, tasks, data_root=run.data_root, num_fewshot=run.task.lm_eval_fewshot,
@@ -136,7 +138,7 @@ def run_benchmarks(run: RunConfig, model, tokenizer) -> dict[str, float]:
 def _save_delta_spectra(run: RunConfig, model) -> None:
     """Singular values of ΔW = W_final - W_init per adapted module (Fig. 5), the pending adapter
     included; W_init is rebuilt from the seed (or reloaded), so a resumed run gets the same."""
-    from experiments.spectra import delta_spectra, effective_linear_weights, save_spectra
+    from experiments.evaluation.spectra import delta_spectra, effective_linear_weights, save_spectra
 
     if run.model.source == "config":
         initial_model = build_llama_from_config(run.model, model.config.vocab_size, run.seed, run.train.dtype)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.paths import DEFAULT_DATA_ROOT
 from mora.adapters import AdapterConfig
 from mora.operators import GROUP_SWITCHES
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SCALES = ("mini", "paper")
 MODEL_SOURCES = ("llama2c", "hub", "config")
 DEVICES = ("auto", "cpu", "cuda")
@@ -209,11 +209,11 @@ def _task_spec(cfg: DictConfig):
     t = OmegaConf.to_container(cfg.task, resolve=True)
     check_choice("task", t.get("name"), TASKS)
     if t["name"] == "c4":
-        from experiments.c4_task import C4TaskSpec  # tokenizers/datasets only when the task needs them
+        from experiments.tasks.c4 import C4TaskSpec  # tokenizers/datasets only when the task needs them
 
         return C4TaskSpec.from_dict(t)
     if t["name"] in FINETUNE_TASKS:
-        from experiments.finetune_task import FinetuneTaskSpec
+        from experiments.tasks.finetune_spec import FinetuneTaskSpec
 
         return FinetuneTaskSpec.from_dict(t)
     check_positive("task.n_pairs", t["n_pairs"])
@@ -283,7 +283,7 @@ def build_run_config(cfg: DictConfig, cuda_available: bool) -> RunConfig:
         raise ValueError(f"method.group_switch={group_switch!r} switches MoRA's sharing groups (Eq. 6); "
                          f"method={adapter.method!r} with operator={adapter.operator!r} has none "
                          "(use method.group_switch=none or method.operator=share)")
-    data_root = Path(cfg.data_root) if cfg.data_root else REPO_ROOT.parent / "shared" / "data"
+    data_root = Path(cfg.data_root) if cfg.data_root else DEFAULT_DATA_ROOT
     lr = _learning_rate(cfg, adapter.method)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.out_root) / default_run_name(cfg, adapter, lr)
     train, task = _train_spec(cfg, merge_every, jagged, restart_warmup), _task_spec(cfg)

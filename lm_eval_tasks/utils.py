@@ -1,14 +1,14 @@
 """Data, prompts, answers, held-out splits and AdaptLLM scoring of our lm-eval tasks (README.md).
 
 lm-eval loads this file by path (``!function utils.<name>`` in a YAML beside it). The prompts, the
-"The answer is: X" reader and the held-out rule are experiments/finetune_data.py's, which the
+"The answer is: X" reader and the held-out rule are experiments/data/finetune.py's, which the
 training side uses too; they are importable from here under the same names. Everything is a
 pure function: the task settings arrive as keyword arguments.
 
 Local data. A ``custom_dataset`` function is called by lm-eval with the task's ``metadata`` and
 ``dataset_kwargs`` as keyword arguments (lm_eval.api.task.ConfigurableTask.download), and
 ``TaskManager(metadata=...)`` adds its metadata to every task. So ``data_root`` (the offline data
-folder) is passed once to the TaskManager by experiments/evaluation.py and reaches every loader
+folder) is passed once to the TaskManager by experiments/evaluation/harness.py and reaches every loader
 here as an absolute path; a YAML ``data_files`` entry would resolve against the working
 directory instead. Every file is checked against SHA256SUMS before it is read. The same
 mechanism hands the evaluated model's ``tokenizer`` and window (``max_length``) to the tasks
@@ -27,13 +27,13 @@ import datasets
 
 # Prompts, answer reading and the held-out rule are the training side's (one definition each), so
 # a model is scored on the prompts it was trained with and never on an item it was trained on.
-from experiments.finetune_data import (ALPACA_FILE, GSM8K_FILES, HELDOUT_EVERY, METAMATH_PROMPT,  # noqa: F401
+from experiments.data.finetune import (ALPACA_FILE, GSM8K_FILES, HELDOUT_EVERY, METAMATH_PROMPT,  # noqa: F401
                                        PUBMEDQA_DECISIONS, PUBMEDQA_FILE, alpaca_eval_indices, alpaca_prompt,
                                        extract_gsm8k_answer, extract_metamath_answer, gsm8k_to_metamath,
                                        is_heldout, load_pubmedqa, normalize_number, pubmedqa_abstract,
                                        pubmedqa_eval_ids, pubmedqa_ids, pubmedqa_prompt, pubmedqa_train_ids,
                                        split_pubmedqa)
-from experiments.offline_data import DEFAULT_DATA_ROOT, verify_files
+from experiments.data.offline import DEFAULT_DATA_ROOT, verify_files
 
 GSM8K_TEST = GSM8K_FILES["test"]
 
@@ -87,7 +87,7 @@ def continuation_token_counts(tokenizer, contexts: Sequence[str], continuations:
 def require_tokenizer(tokenizer, task: str):
     if tokenizer is None:
         raise ValueError(f"{task} reports per-token metrics and needs the evaluated model's tokenizer: pass "
-                         "TaskManager(metadata={'tokenizer': <tokenizer>}) (experiments/evaluation.py does)")
+                         "TaskManager(metadata={'tokenizer': <tokenizer>}) (experiments/evaluation/harness.py does)")
     return tokenizer
 
 
@@ -121,7 +121,7 @@ def _test_split(rows: list[dict]) -> datasets.DatasetDict:
 
 def _with_target_tokens(rows: list[dict], tokenizer, task: str, max_length: int | None) -> list[dict]:
     """``rows`` with the tokens lm-eval scores in each target; with ``max_length`` (the model's
-    window, from experiments/evaluation.py) only rows whose prompt and target fit in it whole:
+    window, from experiments/evaluation/harness.py) only rows whose prompt and target fit in it whole:
     lm-eval would cut a longer prompt from the left, or fail on a target longer than the window,
     and an NLL given half a prompt is not comparable. The same rows for every model of one base."""
     tokenizer = require_tokenizer(tokenizer, task)

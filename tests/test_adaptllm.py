@@ -11,10 +11,10 @@ from collections import Counter
 
 import pytest
 
-from experiments.adaptllm import (KINDS, AdaptLLMConfig, convert_corpus, domain_keywords, mine_tasks,
+from experiments.data.adaptllm import (KINDS, AdaptLLMConfig, convert_corpus, domain_keywords, mine_tasks,
                                   mix_with_instructions, reading_comprehension, split_sentences, text_rng)
-from experiments.finetune_data import load_pubmedqa, pubmedqa_abstract, split_pubmedqa
-from experiments.offline_data import DEFAULT_DATA_ROOT, verify_files
+from experiments.data.finetune import load_pubmedqa, pubmedqa_abstract, split_pubmedqa
+from experiments.data.offline import DEFAULT_DATA_ROOT, verify_files
 
 LABEL_ANSWERS = {"nli": {"Yes", "No", "Maybe"}}
 C4_FILE = "c4/c4-sample.00000-of-00001.json.gz"

@@ -10,6 +10,7 @@ import pytest
 from analysis import (PAPER_TABLE2, GroupKey, Run, aggregate_curves, best_groups, load_runs, mean_std,
                       plot_fig2, plot_fig3, select_learning_rates, table2_markdown)
 from analysis.__main__ import main as cli_main
+from analysis.methods import METHODS, UNKNOWN_COLOR, method_label, method_order, method_style
 from analysis.runs import format_stat
 from tests.conftest import execute_notebook
 
@@ -165,6 +166,18 @@ def test_plots_write_png_and_pdf(runs, tmp_path, plot):
 def test_fig3_without_its_methods_raises(runs):
     with pytest.raises(ValueError, match="Fig. 3"):
         plot_fig3([r for r in runs if r.method == "fft"])
+
+
+def test_fig3_line_styles_come_from_the_method_table(runs):
+    lines = plot_fig3(runs).axes[0].get_lines()
+    styles = {line.get_label().split(" ")[0]: line.get_linestyle() for line in lines}
+    assert styles == {"LoRA": "--", "MoRA": "-"}  # the paper's Fig. 3: LoRA dashed, MoRA solid
+
+
+def test_a_method_without_a_row_renders_under_its_own_name():
+    assert method_label(GroupKey("vera", "share", 8), with_operator=True) == "vera (share)"
+    assert method_style("vera").color == UNKNOWN_COLOR
+    assert all(method_order(m) < method_order("vera") for m in METHODS)
 
 
 # ---------------------------------------------------------------- CLI and notebook

@@ -12,13 +12,13 @@ import torch
 from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import experiments.c4_task as c4
-from experiments.c4_task import (C4Task, C4TaskSpec, bpe_cache_key, build_tokenizer, encode_documents,
+import experiments.tasks.c4 as c4
+from experiments.tasks.c4 import (C4Task, C4TaskSpec, bpe_cache_key, build_tokenizer, encode_documents,
                                  evaluate_perplexity, first_blocks, json_stream_loader, load_t5_tokenizer, local_splits,
                                  pack_documents, read_documents, stream_blocks, stream_train_texts,
                                  train_bpe_tokenizer)
-from experiments.offline_data import DEFAULT_DATA_ROOT, OfflineDataError
-from experiments.uuid_task import batch_indices
+from experiments.data.offline import DEFAULT_DATA_ROOT, OfflineDataError
+from experiments.tasks.uuid_memory import batch_indices
 
 ROOT = DEFAULT_DATA_ROOT
 CONF = Path(__file__).resolve().parent.parent / "conf"

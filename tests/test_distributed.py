@@ -18,10 +18,10 @@ import sys
 import pytest
 import torch
 
-from experiments.records import RunRecord, find_runs, read_run
+from experiments.loop.records import RunRecord, find_runs, read_run
 from experiments.run import execute
-from experiments.trackers import NullTracker, make_tracker
-from experiments.training import CHECKPOINT, _check_sharding
+from experiments.loop.trackers import NullTracker, make_tracker
+from experiments.loop.training import CHECKPOINT, _check_sharding
 from tests.test_configs import REPO, compose
 
 # 4 optimizer steps on 8 UUID pairs, global batch 4 (2 per rank), evaluated at the end

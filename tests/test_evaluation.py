@@ -17,11 +17,12 @@ import pytest
 import torch
 
 from experiments.eval import load_run, main
-from experiments.evaluation import (TASKS_DIR, evaluate_with_lm_eval, flat_metrics, read_eval_results, resolvable,
+from experiments.paths import LM_EVAL_TASKS_DIR as TASKS_DIR
+from experiments.evaluation.harness import (evaluate_with_lm_eval, flat_metrics, read_eval_results, resolvable,
                                     save_eval_results, task_manager)
-from experiments.models import load_stories260k
-from experiments.offline_data import DEFAULT_DATA_ROOT, verify_files
-from experiments import finetune_data
+from experiments.models.loading import load_stories260k
+from experiments.data.offline import DEFAULT_DATA_ROOT, verify_files
+from experiments.data import finetune as finetune_data
 from lm_eval_tasks import utils
 from mora.adapters import AdapterConfig, adapter_layers, inject_adapters, merge_and_unload, save_adapter
 
@@ -309,7 +310,7 @@ def test_cli_evaluates_a_run_folder_and_its_saved_adapter(tmp_path):
 def test_cli_loads_a_full_finetuning_run(tmp_path):
     """FFT checkpoints hold every weight once: stories260K's lm_head is tied to the embedding."""
     from experiments.run import execute
-    from experiments.training import CHECKPOINT
+    from experiments.loop.training import CHECKPOINT
     from tests.test_configs import compose
     from tests.test_run_smoke import TINY
 

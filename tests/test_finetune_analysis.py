@@ -1,5 +1,5 @@
 """analysis/finetune_tables.py: fine-tuning run folders → Tables 1, 4, 6 (and 7), the learning-rate sweep
-table and the CLI, on synthetic run folders written with experiments.records. Scores here are test data,
+table and the CLI, on synthetic run folders written with experiments.loop.records. Scores here are test data,
 not measured results."""
 
 import pytest
@@ -8,7 +8,7 @@ from analysis.__main__ import main as cli_main
 from analysis.finetune_tables import (PAPER_TABLE1, ArmKey, load_finetune_runs, lr_sweep_markdown, parse_scores,
                                       select_lr, present_metrics, table1_markdown, table4_markdown, table6_markdown,
                                       table7_markdown)
-from experiments.records import RunRecord
+from experiments.loop.records import RunRecord
 
 TARGETS = ["q_proj", "v_proj"]
 

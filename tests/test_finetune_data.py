@@ -7,14 +7,14 @@ import json
 
 import pytest
 
-from experiments.finetune_data import (ALPACA_FILE, METAMATH_EVAL_PROMPT, PUBMEDQA_DECISIONS, Segment,
+from experiments.data.finetune import (ALPACA_FILE, METAMATH_EVAL_PROMPT, PUBMEDQA_DECISIONS, Segment,
                                        alpaca_eval_indices, as_example, extract_gsm8k_answer,
                                        extract_metamath_answer, gsm8k_pairs, gsm8k_to_metamath, is_heldout,
                                        load_alpaca, load_gsm8k, load_metamathqa, load_pubmedqa, load_tulu_v2,
                                        normalize_number, pair_example, pubmedqa_abstract, pubmedqa_choice,
                                        pubmedqa_eval_ids, pubmedqa_prompt, pubmedqa_train_ids, split_heldout,
                                        split_pubmedqa, tulu_example)
-from experiments.offline_data import DEFAULT_DATA_ROOT, OfflineDataError
+from experiments.data.offline import DEFAULT_DATA_ROOT, OfflineDataError
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_a_gsm8k_answer_without_its_final_line_is_refused():
 
 
 # (completion, the answer as written, its number): one table for the extractor lm-eval scores with
-# (lm_eval_tasks/utils.py imports it from experiments/finetune_data.py)
+# (lm_eval_tasks/utils.py imports it from experiments/data/finetune.py)
 ANSWERS = [
     ("So she pays 5 + 3 = 8.\nThe answer is: 8", "8", "8"),
     ("So she makes $18 a day.\nThe answer is: $18.", "$18", "18"),

@@ -16,17 +16,17 @@ import math
 import pytest
 import torch
 
-from experiments.evaluation import read_eval_results
-from experiments.records import find_runs
+from experiments.evaluation.harness import read_eval_results
+from experiments.loop.records import find_runs
 from experiments.run import execute
-from experiments.training import CHECKPOINT
+from experiments.loop.training import CHECKPOINT
 from tests.test_configs import compose
 
 METHODS = ("fft", "lora", "loraplus", "asylora", "relora", "dora", "mora")
 # GSM8K prompts alone take 138+ stories260K tokens: 256 keeps 69% of the problems, 128 none
 TINY = ["train.max_steps=3", "train.batch_size=2", "task.n_eval=4", "task.max_len=256", "task.lm_eval_limit=2",
         "task.lm_eval_max_gen_toks=8", "train.eval_steps=[3]", "train.log_every=1", "train.ckpt_every=3", "device=cpu"]
-# the in-loop held-out metrics (experiments/sft_task.py) and lm-eval's of each task's benchmarks
+# the in-loop held-out metrics (experiments/tasks/finetune.py) and lm-eval's of each task's benchmarks
 IN_LOOP = {"tulu": ("eval/response_nll",), "metamath": ("eval/response_nll",),
            "biomed": ("eval/perplexity", "eval/choice_accuracy")}
 LM_EVAL = {"tulu": ("alpaca_local_nll/nll_per_token",),

@@ -1,5 +1,5 @@
 """analysis/pretrain_figures.py: C4 run folders → Fig. 4, Table 3, Fig. 5, the CLI and the notebook,
-on synthetic run folders written with experiments.records (2 methods × 2 seeds, plus runs to ignore)."""
+on synthetic run folders written with experiments.loop.records (2 methods × 2 seeds, plus runs to ignore)."""
 
 import math
 from pathlib import Path
@@ -13,8 +13,8 @@ from analysis.__main__ import main as cli_main
 from analysis.pretrain_figures import moving_average
 from analysis.runs import format_stat
 from tests.conftest import execute_notebook
-from experiments.records import RunRecord
-from experiments.spectra import FIG5_MODULE_TYPES, save_spectra
+from experiments.loop.records import RunRecord
+from experiments.evaluation.spectra import FIG5_MODULE_TYPES, save_spectra
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "notebooks" / "pretraining.ipynb"

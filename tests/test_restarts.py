@@ -14,11 +14,11 @@ from accelerate import Accelerator
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import experiments.training as training
-from experiments.records import RunRecord, read_run
+import experiments.loop.training as training
+from experiments.loop.records import RunRecord, read_run
 from experiments.schema import TrainSpec
-from experiments.trackers import NullTracker
-from experiments.training import CHECKPOINT, _check_restarts, restart_adapters, train
+from experiments.loop.trackers import NullTracker
+from experiments.loop.training import CHECKPOINT, _check_restarts, restart_adapters, train
 from mora.adapters import AdapterConfig, build_optimizer, inject_adapters, lora_layers, mora_layers
 from mora.operators import CYCLE4_ORDER, MoRALayout, next_groups
 

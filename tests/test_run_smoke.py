@@ -18,11 +18,11 @@ import pytest
 import torch
 
 import experiments.run as run_module
-from experiments.records import find_runs, read_run
+from experiments.loop.records import find_runs, read_run
 from experiments.run import execute
-from experiments.spectra import load_spectra
-from experiments.training import CHECKPOINT, _adapter_parameters
-from experiments.uuid_task import UUIDTask
+from experiments.evaluation.spectra import load_spectra
+from experiments.loop.training import CHECKPOINT, _adapter_parameters
+from experiments.tasks.uuid_memory import UUIDTask
 from tests.test_configs import EXPERIMENTS, METHODS, REPO, compose
 
 TINY = ["train.max_steps=3", "train.batch_size=4", "task.n_pairs=8", "task.eval_pairs=4", "train.eval_steps=[3]",
@@ -117,7 +117,7 @@ def test_four_step_pretraining_run(method, tmp_path):
 
 def test_pretraining_arms_start_from_the_same_random_weights(tmp_path):
     """Section 5.3 compares methods on one frozen W₀: the seed alone decides it."""
-    from experiments.models import build_llama_from_config
+    from experiments.models.loading import build_llama_from_config
     from experiments.schema import build_run_config
 
     weights = []

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import get_scheduler
 
-from experiments.schedules import build_scheduler, cosine_envelope, jagged_cosine
+from experiments.loop.schedules import build_scheduler, cosine_envelope, jagged_cosine
 
 # 6 cycles of 20 steps, first warm-up 5, restart warm-up 4, floor 0.1
 S, W0, T, W, RHO = 120, 5, 20, 4, 0.1

@@ -11,14 +11,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from experiments.c4_task import evaluate_perplexity
-from experiments.finetune_data import (ChoiceExample, Segment, alpaca_eval_indices, gsm8k_pairs, load_alpaca,
+from experiments.tasks.c4 import evaluate_perplexity
+from experiments.data.finetune import (ChoiceExample, Segment, alpaca_eval_indices, gsm8k_pairs, load_alpaca,
                                        load_gsm8k, load_pubmedqa, pubmedqa_abstract, split_heldout, split_pubmedqa)
-from experiments.models import STORIES260K
-from experiments.offline_data import DEFAULT_DATA_ROOT, verify_files
-from experiments.sft_task import (IGNORE_INDEX, SFTTask, TextTask, alpaca_task, collate, encode_choices,
+from experiments.models.loading import STORIES260K
+from experiments.data.offline import DEFAULT_DATA_ROOT, verify_files
+from experiments.tasks.finetune import (IGNORE_INDEX, SFTTask, TextTask, alpaca_task, collate, encode_choices,
                                   encode_examples, encode_texts, gsm8k_task, pubmed_texts)
-from experiments.sp_tokenizer import load_sentencepiece_tokenizer
+from experiments.models.sp_tokenizer import load_sentencepiece_tokenizer
 from lm_eval_tasks import utils
 from tests.test_finetune_data import heldout_sections
 

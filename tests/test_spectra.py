@@ -1,10 +1,10 @@
-"""experiments/spectra.py: effective weights of every method, rank of ΔW, counts per module type, I/O."""
+"""experiments/evaluation/spectra.py: effective weights of every method, rank of ΔW, counts per module type, I/O."""
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from experiments.spectra import (FIG5_MODULE_TYPES, SPECTRA_FILE, count_above, delta_spectra,
+from experiments.evaluation.spectra import (FIG5_MODULE_TYPES, SPECTRA_FILE, count_above, delta_spectra,
                                  effective_linear_weights, load_spectra, normalise_name, save_spectra)
 from mora.adapters import (LLAMA_TARGETS, AdapterConfig, adapter_layers, inject_adapters, merge_adapters,
                            merge_and_reinit)

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import wandb
 
-from experiments.trackers import NullTracker, WandbTracker, make_tracker
+from experiments.loop.trackers import NullTracker, WandbTracker, make_tracker
 
 
 @pytest.fixture

@@ -7,11 +7,11 @@ import re
 import pytest
 import torch
 
-from experiments.models import STORIES260K
-from experiments.offline_data import DEFAULT_DATA_ROOT
+from experiments.models.loading import STORIES260K
+from experiments.data.offline import DEFAULT_DATA_ROOT
 from experiments.schema import UUIDTaskSpec
-from experiments.sp_tokenizer import load_sentencepiece_tokenizer
-from experiments.uuid_task import (IGNORE_INDEX, UUIDTask, batch_indices, character_accuracy, encode_pairs,
+from experiments.models.sp_tokenizer import load_sentencepiece_tokenizer
+from experiments.tasks.uuid_memory import (IGNORE_INDEX, UUIDTask, batch_indices, character_accuracy, encode_pairs,
                                    make_uuid_pairs, training_batch)
 
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from experiments.offline_data import DEFAULT_DATA_ROOT, verify_files
+from experiments.data.offline import DEFAULT_DATA_ROOT, verify_files
 
 GSM8K_FILES = {"train": "finetune/gsm8k_train.jsonl", "test": "finetune/gsm8k_test.jsonl"}
 ALPACA_FILE = "finetune/alpaca_tiny.json"
@@ -71,7 +71,7 @@ HELDOUT_EVERY = 5  # item i (in a fixed order) is held out for evaluation iff i 
 def is_heldout(index: int, every: int = HELDOUT_EVERY) -> bool:
     """The repo's one held-out rule: every ``every``-th item of a fixed order, from the first.
 
-    Training (experiments/sft_task.py) and lm-eval (lm_eval_tasks/utils.py) both split with it,
+    Training (experiments/tasks/finetune.py) and lm-eval (lm_eval_tasks/utils.py) both split with it,
     so no item a benchmark scores is ever trained on.
     """
     return index % every == 0

@@ -1,13 +1,13 @@
 """Supervised fine-tuning and continual pretraining as the training loop sees them (Section 5.2).
 
-:class:`SFTTask` trains on examples of :mod:`experiments.finetune_data` (Tülu v2, MetaMathQA,
+:class:`SFTTask` trains on examples of :mod:`experiments.data.finetune` (Tülu v2, MetaMathQA,
 GSM8K, Alpaca): a sequence is ``[BOS] prompt response [EOS]`` (several turns for a conversation)
 and only the response tokens and their EOS carry labels. :class:`TextTask` continues pretraining
 on domain text (PubMed abstracts, as AdaptLLM reading comprehension): ``[BOS] doc [EOS]`` packed
-into blocks as in :mod:`experiments.c4_task`, labels everywhere.
+into blocks as in :mod:`experiments.tasks.c4`, labels everywhere.
 
 Both give ``batch(step, process_index, num_processes)`` as a pure function of the step (epoch-wise
-seeded permutations, :func:`experiments.uuid_task.batch_indices`), so a resumed run sees the
+seeded permutations, :func:`experiments.tasks.uuid_memory.batch_indices`), so a resumed run sees the
 batches an uninterrupted one would, and ``evaluate`` on held-out data that moves on a tiny model:
 token-weighted response negative log-likelihood, or held-out perplexity and multiple-choice
 accuracy. Generation-based scores (GSM8K, MMLU, PubMedQA in the paper's tables) run elsewhere.
@@ -23,13 +23,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from experiments.adaptllm import AdaptLLMConfig, convert_corpus, domain_keywords, mix_with_instructions
-from experiments.c4_task import evaluate_perplexity, pack_documents
-from experiments.finetune_data import (HELDOUT_EVERY, ChoiceExample, Example, as_example, gsm8k_pairs,
+from experiments.data.adaptllm import AdaptLLMConfig, convert_corpus, domain_keywords, mix_with_instructions
+from experiments.tasks.c4 import evaluate_perplexity, pack_documents
+from experiments.data.finetune import (HELDOUT_EVERY, ChoiceExample, Example, as_example, gsm8k_pairs,
                                        load_alpaca, load_gsm8k, load_pubmedqa, pubmedqa_abstract, pubmedqa_choice,
                                        split_heldout, split_pubmedqa)
-from experiments.offline_data import DEFAULT_DATA_ROOT
-from experiments.uuid_task import batch_indices
+from experiments.data.offline import DEFAULT_DATA_ROOT
+from experiments.tasks.uuid_memory import batch_indices
 
 IGNORE_INDEX = -100
 _ENCODE_CHUNK = 4096  # texts per tokenizer call: big enough for the Rust thread pool, small in memory
@@ -327,7 +327,7 @@ def gsm8k_task(tokenizer, batch_size: int, seed: int, max_len: int, n_eval: int 
 def alpaca_task(tokenizer, batch_size: int, seed: int, max_len: int, n_eval: int = 10,
                 data_root: str | Path = DEFAULT_DATA_ROOT, every: int = HELDOUT_EVERY, **kwargs) -> SFTTask:
     """The mini instruction task: the 100 Alpaca examples less every ``every``-th (the ones
-    ``alpaca_local_nll`` scores: 20 of 100, :func:`~experiments.finetune_data.is_heldout`); the
+    ``alpaca_local_nll`` scores: 20 of 100, :func:`~experiments.data.finetune.is_heldout`); the
     first ``n_eval`` of those held-out examples scored in the loop."""
     pairs = load_alpaca(data_root)
     train, heldout = split_heldout(len(pairs), every)

@@ -34,6 +34,8 @@ from typing import IO, Any, Callable
 
 import yaml
 
+from experiments.paths import REPO_ROOT
+
 CONFIG, ENVIRONMENT, METRICS, SUMMARY = "config.yaml", "environment.json", "metrics.jsonl", "summary.json"
 STATUSES = ("completed", "failed", "diverged")
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "wandb", "hydra-core", "lm-eval")
@@ -274,7 +276,7 @@ def _ram_gib() -> float | None:
 
 def collect_environment() -> dict[str, Any]:
     """What ``environment.json`` records about this session; the SHA is that of this repo."""
-    sha, dirty = git_state(Path(__file__).resolve().parent)
+    sha, dirty = git_state(REPO_ROOT)
     return {"git_sha": sha, "git_dirty": dirty, "versions": package_versions(), "hardware": hardware(),
             "started_at": _now_iso(), "command": [sys.executable, *sys.argv]}
 

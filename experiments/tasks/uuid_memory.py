@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from experiments.sp_tokenizer import encode_characters
+from experiments.models.sp_tokenizer import encode_characters
 
 IGNORE_INDEX = -100
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from experiments.llama2c import load_llama2c
-from experiments.offline_data import DEFAULT_DATA_ROOT, verify_files
-from experiments.sp_tokenizer import load_sentencepiece_tokenizer
+from experiments.models.llama2c import load_llama2c
+from experiments.data.offline import DEFAULT_DATA_ROOT, verify_files
+from experiments.models.sp_tokenizer import load_sentencepiece_tokenizer
 
 STORIES260K = ("models/stories260K/stories260K.bin", "models/stories260K/tok512.model")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

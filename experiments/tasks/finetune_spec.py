@@ -3,8 +3,8 @@
 A task is supervised fine-tuning on (prompt, response) examples (``kind: sft``: Tülu v2 →
 MMLU, MetaMathQA → GSM8K/MATH) or continual pretraining on domain text (``kind: text``: PubMed
 abstracts, financial news, turned into reading comprehension with AdaptLLM, Cheng et al. 2023).
-Training data and the in-loop held-out metrics come from :mod:`experiments.sft_task`; the
-paper's benchmarks run after training with lm-eval (:mod:`experiments.evaluation`), on the
+Training data and the in-loop held-out metrics come from :mod:`experiments.tasks.finetune`; the
+paper's benchmarks run after training with lm-eval (:mod:`experiments.evaluation.harness`), on the
 tasks the spec names.
 
 ``source: local`` reads the offline files (mini scale: GSM8K, Alpaca, PubMedQA-L abstracts);
@@ -81,9 +81,9 @@ def build_finetune_task(spec: FinetuneTaskSpec, tokenizer, batch_size: int, seed
                         load_dataset: Callable | None = None):
     """The SFTTask / TextTask of ``spec``. ``load_dataset`` (default: ``datasets.load_dataset``) is
     only called for ``source: hub``; tests pass a stand-in."""
-    from experiments import finetune_data as data
-    from experiments.adaptllm import AdaptLLMConfig
-    from experiments.sft_task import SFTTask, TextTask, alpaca_task, gsm8k_task, pubmed_texts
+    from experiments.data import finetune as data
+    from experiments.data.adaptllm import AdaptLLMConfig
+    from experiments.tasks.finetune import SFTTask, TextTask, alpaca_task, gsm8k_task, pubmed_texts
 
     common = {"eval_batch_size": spec.eval_batch_size}
     if spec.source == "local":
@@ -105,7 +105,7 @@ def build_finetune_task(spec: FinetuneTaskSpec, tokenizer, batch_size: int, seed
                        seed, spec.max_len)
     texts = [row[spec.text_field] for row in load_dataset(spec.hub_id, split=spec.hub_split)]
     if spec.adaptllm:
-        from experiments.adaptllm import convert_corpus
+        from experiments.data.adaptllm import convert_corpus
 
         texts = convert_corpus(texts, AdaptLLMConfig(), seed)
     return TextTask(texts, tokenizer, batch_size, seed, spec.max_len)

@@ -12,8 +12,8 @@ import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
-# The repo root is the parent of experiments/; the data sits beside it at ../shared/data.
-DEFAULT_DATA_ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+from experiments.paths import DEFAULT_DATA_ROOT
+
 SUMS_FILE = "SHA256SUMS"
 
 

@@ -41,8 +41,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast, T5TokenizerFast
 
-from experiments.offline_data import verify_files
-from experiments.uuid_task import batch_indices
+from experiments.data.offline import verify_files
+from experiments.tasks.uuid_memory import batch_indices
 
 SOURCES = ("local", "hub")
 TOKENIZERS = ("bpe", "t5")

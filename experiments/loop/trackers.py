@@ -1,6 +1,6 @@
 """Experiment trackers behind one tiny interface: ``log(metrics, step)`` and ``finish()``.
 
-The run folder (``experiments/records.py``) is the record of a run; a tracker is a mirror of it
+The run folder (``experiments/loop/records.py``) is the record of a run; a tracker is a mirror of it
 for live dashboards. So a tracker must never stop a run: W&B errors are reported once and the
 tracker turns into a no-op. W&B runs offline unless the config asks for ``online``.
 """
@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
-from .records import process_rank
+from experiments.loop.records import process_rank
 
 TRACKER_KINDS = ("none", "wandb")
 WANDB_MODES = ("offline", "online", "disabled")

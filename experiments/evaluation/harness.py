@@ -21,11 +21,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.offline_data import DEFAULT_DATA_ROOT
-from experiments.records import atomic_write_bytes
+from experiments.paths import DEFAULT_DATA_ROOT, LM_EVAL_TASKS_DIR
+from experiments.loop.records import atomic_write_bytes
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TASKS_DIR = REPO_ROOT / "lm_eval_tasks"
 EVAL_RESULTS = "eval_results.json"
 SEED = 1234  # python, numpy, torch and few-shot sampling seeds: the same call gives the same scores
 
@@ -103,10 +101,10 @@ def task_manager(tasks: Sequence[str], metadata: dict):
     need them: indexing the ~15K built-in YAMLs takes seconds, our folder milliseconds."""
     from lm_eval.tasks import TaskManager
 
-    own = TaskManager(include_defaults=False, include_path=str(TASKS_DIR), metadata=metadata)
+    own = TaskManager(include_defaults=False, include_path=str(LM_EVAL_TASKS_DIR), metadata=metadata)
     if all(resolvable(name, own.task_index) for name in tasks):
         return own
-    return TaskManager(include_path=str(TASKS_DIR), metadata=metadata)
+    return TaskManager(include_path=str(LM_EVAL_TASKS_DIR), metadata=metadata)
 
 
 def resolvable(name: str, index: dict) -> bool:

@@ -6,7 +6,7 @@ ReLoRA/ReMoRA restarts (Section 5.3; Lialin et al. 2023) happen after optimizer 
 (m ≥ 1, before the last step): merge ΔW into W, re-initialise the adapters, switch MoRA's sharing
 groups (``group_switch``, Appendix B) and drop the adapters' optimizer state. With
 ``scheduler=jagged_cosine`` the restarts are the schedule's cycle boundaries, so the first step
-after each merge runs at learning rate 0 and warms up again (experiments/schedules.py).
+after each merge runs at learning rate 0 and warms up again (experiments/loop/schedules.py).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from mora.adapters import (AdapterConfig, adapter_layers, adapter_state_dict, bu
                            load_adapter_state_dict, merge_and_reinit, mora_layers)
 from mora.operators import GROUP_SWITCHES, next_groups
 
-from .records import RunRecord, atomic_torch_save, read_run
-from .schedules import build_scheduler
-from .schema import TrainSpec
+from experiments.loop.records import RunRecord, atomic_torch_save, read_run
+from experiments.loop.schedules import build_scheduler
+from experiments.schema import TrainSpec
 
 CHECKPOINT = "checkpoint.pt"
 

@@ -1,0 +1,1 @@
+"""After training: lm-eval benchmarks in process, singular values of ΔW."""

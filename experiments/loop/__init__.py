@@ -1,0 +1,1 @@
+"""The training loop and what it leaves behind: checkpoints, schedules, trackers, run folders."""

@@ -1,0 +1,1 @@
+"""Base models: llama2.c checkpoints, hub models, LLaMA built from a config; their tokenizers."""
