@@ -1,8 +1,10 @@
-"""Tables and figures from run folders (see ``experiments/records.py``); nothing here trains.
+"""Tables and figures from run folders (see ``experiments/loop/records.py``); nothing here trains.
 
 ``analysis.runs`` turns run folders into tidy records, picks each group's learning rate and
-aggregates over seeds; ``analysis.uuid_figures`` draws the paper's Fig. 2, Fig. 3 and Table 2 from
-them; ``python -m analysis uuid --runs results/runs --out reports/uuid`` writes all three.
+aggregates over seeds; ``analysis.methods`` is the one table of how each method is shown (label,
+colour, order, line style: add a method there); ``analysis.plotting`` holds the drawing the figures
+share. ``analysis.uuid_figures`` draws the paper's Fig. 2, Fig. 3 and Table 2 from the UUID
+runs; ``python -m analysis uuid --runs results/runs --out reports/uuid`` writes all three.
 ``analysis.pretrain_figures`` draws Fig. 4, Table 3 and Fig. 5 from the C4 pretraining runs;
 ``python -m analysis pretrain --runs results/runs --out reports/pretrain`` writes them.
 ``analysis.finetune_tables`` renders Tables 1, 4, 6 and 7 from the fine-tuning runs' lm-eval scores

@@ -19,7 +19,7 @@ from analysis.pretrain_figures import (FIG5_THRESHOLD, group_pretrain_runs, load
                                       write_pretrain_report)
 from analysis.finetune_tables import load_finetune_runs, lr_sweep_markdown as finetune_lr_markdown, write_finetune_report
 from analysis.runs import load_runs
-from experiments.records import find_runs
+from experiments.loop.records import find_runs
 from analysis.uuid_figures import write_uuid_report
 
 

@@ -1,6 +1,6 @@
 """Tables 1, 4 and 6 (Section 5.2, Section 6.2, Appendix C) from fine-tuning run folders, ours beside the paper's.
 
-A fine-tuning run ends with lm-eval (``experiments/evaluation.py``); its summary holds every score as
+A fine-tuning run ends with lm-eval (``experiments/evaluation/harness.py``); its summary holds every score as
 ``lm_eval/<task>/<metric>`` (the whole test set) or ``lm_eval_first<N>/<task>/<metric>`` (its first N
 documents). Which lm-eval tasks stand for which paper column is data here (:data:`COLUMNS`): the paper
 scale's benchmarks (MMLU, GSM8K, MATH, the AdaptLLM sets) and the mini scale's stand-ins, which score
@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple, Sequence
 
-from analysis.runs import Stat, _check_unique, format_stat, mean_std
-from experiments.records import find_runs
+from analysis.methods import method_label
+from analysis.runs import Stat, check_unique, format_stat, mean_std
+from experiments.loop.records import find_runs
 from mora.adapters import METHOD_LAYERS
 
 FINETUNE_TASKS = ("tulu", "metamath", "biomed", "finance")
@@ -85,8 +86,9 @@ PAPER_TABLE1: dict[tuple[str, int | None], tuple[float | None, ...]] = {
 PAPER_TABLE1_COLUMNS = ("MMLU 0", "MMLU 5", "GSM8K", "MATH", "BioMed.", "Finance")
 # Which Table 1 paper columns belong to which of our tasks.
 PAPER_TABLE1_TASK_COLUMNS = {"tulu": (0, 1), "metamath": (2, 3), "biomed": (4,), "finance": (5,)}
-# MoRA's operator in Table 1 (Section 5.2.2): rotation (Eq. 9) at r = 8, sharing (Eq. 6) at r = 256.
-TABLE1_MORA_OPERATOR = {8: "rotate", 256: "share"}
+# The operator of a Table 1 row (Section 5.2.2): MoRA's rotation (Eq. 9) at r = 8, sharing (Eq. 6) at
+# r = 256; the other methods have none.
+TABLE1_OPERATORS: dict[tuple[str, int], str] = {("mora", 8): "rotate", ("mora", 256): "share"}
 TABLE1_METHODS = ("lora", "loraplus", "relora", "asylora", "dora", "mora")
 
 # Table 4: GSM8K by operator at r = 8 and r = 256.
@@ -110,9 +112,6 @@ PAPER_TABLE7: dict[tuple[str, int | None], tuple[float, ...]] = {
     ("mora", 256): (47.7, 76.3, 83.4, 68.0, 68.1, 68.7),
 }
 APPENDIX_C_ROWS = (("fft", None), ("lora", 8), ("mora", 8), ("lora", 256), ("mora", 256))
-
-METHOD_NAMES = {"fft": "FFT", "lora": "LoRA", "loraplus": "LoRA+", "relora": "ReLoRA", "asylora": "AsyLoRA",
-                "dora": "DoRA", "mora": "MoRA", "remora": "ReMoRA"}
 
 
 class ArmKey(NamedTuple):
@@ -158,7 +157,7 @@ def parse_scores(final: dict[str, Any]) -> tuple[dict[tuple[str, str], float], d
 
 
 def finetune_run_from_record(record: dict[str, Any]) -> FinetuneRun:
-    """A :class:`FinetuneRun` from :func:`experiments.records.read_run`'s dict."""
+    """A :class:`FinetuneRun` from :func:`experiments.loop.records.read_run`'s dict."""
     config, summary = record["config"], record["summary"] or {}
     method, resolved = config["method"], config.get("resolved", {})
     layer_kind = METHOD_LAYERS[method["name"]]
@@ -180,8 +179,8 @@ def load_finetune_runs(root: str | Path, **filters: Any) -> list[FinetuneRun]:
     count one seed twice."""
     runs = [finetune_run_from_record(record) for record in find_runs(root, **filters)
             if (record["config"].get("task") or {}).get("name") in FINETUNE_TASKS]  # one walk of the tree
-    _check_unique(runs, identity=lambda run: (run.task, run.scale, *run.key, run.lr, run.seed),
-                  fields="(task, scale, method, operator, rank, lr, seed)")
+    check_unique(runs, identity=lambda run: (run.task, run.scale, *run.key, run.lr, run.seed),
+                 fields="(task, scale, method, operator, rank, lr, seed)")
     return runs
 
 
@@ -255,8 +254,8 @@ def _paper(value: float | None) -> str:
 
 
 def arm_label(key: ArmKey) -> str:
-    name = METHOD_NAMES.get(key.method, key.method)
-    return f"{name} ({key.operator})" if key.operator else name
+    """A row's method, with its operator when it has one: ``MoRA (rotate)``."""
+    return method_label(key, with_operator=True)
 
 
 def _rank_cell(key: ArmKey, cell: Cell | None) -> str:
@@ -294,7 +293,7 @@ def table1_arms() -> list[ArmKey]:
     """Table 1's row order: FFT, then each method at r = 8, then at r = 256 (MoRA with its Section 5.2.2 operator)."""
     arms = [ArmKey("fft", None, None)]
     for rank in (8, 256):
-        arms += [ArmKey(m, TABLE1_MORA_OPERATOR[rank] if m == "mora" else None, rank) for m in TABLE1_METHODS]
+        arms += [ArmKey(m, TABLE1_OPERATORS.get((m, rank)), rank) for m in TABLE1_METHODS]
     return arms
 
 
@@ -359,8 +358,7 @@ def _appendix_c_markdown(runs: Sequence[FinetuneRun], task: str, title: str, pap
                          paper: dict[tuple[str, int | None], tuple[float, ...]]) -> str:
     task_runs = [r for r in runs if r.task == task]
     cells, metrics = cells_by_arm(task_runs, task), present_metrics(task, task_runs)
-    operator = {None: None, **TABLE1_MORA_OPERATOR}
-    arms = [ArmKey(m, operator[rank] if m == "mora" else None, rank) for m, rank in APPENDIX_C_ROWS]
+    arms = [ArmKey(m, TABLE1_OPERATORS.get((m, rank)), rank) for m, rank in APPENDIX_C_ROWS]
     arms = [a for a in arms if a in cells]
     if not arms or not metrics:
         raise ValueError(f"{title} needs completed runs of task={task} with lm-eval scores; none found")
@@ -422,7 +420,7 @@ def lr_sweep_markdown(runs: Sequence[FinetuneRun]) -> str:
 def plot_table1(runs: Sequence[FinetuneRun], out_path: str | Path | None = None):
     """Table 1 as a figure: one panel per task, one bar per arm (its task's primary score, mean ± std
     over seeds), FFT first, r = 8 arms light and r = 256 arms dark. Saved as PNG and PDF at ``out_path``."""
-    from analysis.uuid_figures import save_figure  # matplotlib only when a figure is drawn
+    from analysis.plotting import save_figure  # matplotlib only when a figure is drawn
     import matplotlib.pyplot as plt
 
     cells_by_task = {t: cells_by_arm(runs, t) for t in FINETUNE_TASKS}

@@ -142,7 +142,7 @@ def scheduler_kind(jagged_schedule):
 
 
 def optimizer_reset(merge_every):
-    """experiments/training.py resets the adapters' Adam state at every merge; no flag turns it off."""
+    """experiments/loop/training.py resets the adapters' Adam state at every merge; no flag turns it off."""
     return "reset at each merge" if merge_every else "never reset"
 
 

@@ -4,12 +4,12 @@
 - Table 3: C4 validation perplexity beside the paper's numbers, our ranking of the methods and
   whether the paper's ordering (ReMoRA < MoRA < ReLoRA < LoRA) holds in ours;
 - Fig. 5: number of singular values > 0.1 of ΔW per module type (from ``spectra.safetensors``,
-  written by ``experiments/spectra.py``), also as a Markdown table.
+  written by ``experiments/evaluation/spectra.py``), also as a Markdown table.
 
 Each line, row or bar is one (scale, model, method, operator, paper rank), mean ± sample std over
 its seeds; only completed runs count (the others are listed in the notes). There is no learning-rate
 search here: a group whose seeds ran at several learning rates is refused (filter with ``--where``).
-Figures are drawn on the Agg canvas without pyplot, as in ``analysis.uuid_figures``.
+Figures are drawn with :mod:`analysis.plotting`, without pyplot.
 """
 
 from __future__ import annotations
@@ -20,15 +20,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple, Sequence
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from analysis.runs import (Run, Stat, _check_unique, _curve, aggregate_curves, format_stat, mean_std,
-                           run_from_record)
-from analysis.uuid_figures import (_OPERATOR_STYLES, METHOD_LABELS, _draw_loss, _operators_vary, _seeds_text,
-                                   line_label, method_label, rank_label, save_figure)
-from experiments.records import find_runs
+from analysis.methods import method_label, method_order, method_style, operators_vary
+from analysis.plotting import draw_loss, line_label, line_style, new_figure, save_figure
+from analysis.runs import (Run, Stat, aggregate_curves, check_unique, format_stat, mean_std, metric_curve, rank_label,
+                           run_from_record, seeds_text)
+from experiments.loop.records import find_runs
 
 TASK, PERPLEXITY, EVAL_TOKENS = "c4", "eval/perplexity", "eval/tokens"
 
@@ -46,10 +45,6 @@ PAPER_RANK = 128
 # The paper's ranking, lowest perplexity first (the same in both columns): ReMoRA < MoRA < ReLoRA < LoRA.
 PAPER_ORDER = tuple(sorted(PAPER_TABLE3, key=lambda m: PAPER_TABLE3[m][0]))
 FIG5_THRESHOLD = 0.1
-# Row, line and bar order: the paper's Table 3 rows, then full-rank training, then anything else.
-METHOD_ORDER = ("lora", "mora", "relora", "remora", "fft")
-METHOD_COLORS = {"lora": "C0", "mora": "C1", "relora": "C2", "remora": "C3", "fft": "black", "dora": "C4",
-                 "loraplus": "C5", "asylora": "C6"}
 
 
 class PretrainKey(NamedTuple):
@@ -83,7 +78,7 @@ class PretrainRun:
         return self.run.dir
 
     @property
-    def scale(self) -> str:  # read by analysis.uuid_figures' rank_label and line_label
+    def scale(self) -> str:  # read by analysis.runs.rank_label and analysis.plotting.line_label
         return self.run.scale
 
     @property
@@ -130,11 +125,11 @@ def _model_label(model: dict[str, Any]) -> str:
 
 
 def pretrain_run_from_record(record: dict[str, Any]) -> PretrainRun:
-    """A :class:`PretrainRun` from :func:`experiments.records.read_run`'s dict."""
+    """A :class:`PretrainRun` from :func:`experiments.loop.records.read_run`'s dict."""
     model, metrics = record["config"].get("model", {}), record["metrics"]
-    tokens = _curve(metrics, EVAL_TOKENS)
+    tokens = metric_curve(metrics, EVAL_TOKENS)
     return PretrainRun(run=run_from_record(record), model=str(model.get("name", "?")), model_label=_model_label(model),
-                       width=int(model.get("hidden_size", 0)), perplexity=_curve(metrics, PERPLEXITY),
+                       width=int(model.get("hidden_size", 0)), perplexity=metric_curve(metrics, PERPLEXITY),
                        eval_tokens=int(tokens[max(tokens)]) if tokens else None)
 
 
@@ -145,25 +140,24 @@ def load_pretrain_runs(root: str | Path, **filters: Any) -> list[PretrainRun]:
     Raises ValueError if two folders hold the same (scale, model, method, operator, rank, seed).
     """
     runs = [pretrain_run_from_record(r) for r in find_runs(root, **{"task.name": TASK, **filters})]
-    _check_unique(runs, lambda r: (*r.key, r.run.seed), "(scale, model, method, operator, rank, seed)")
+    check_unique(runs, lambda r: (*r.key, r.run.seed), "(scale, model, method, operator, rank, seed)")
     return runs
 
 
-def _method_order(key: PretrainKey) -> tuple:
-    method = METHOD_ORDER.index(key.method) if key.method in METHOD_ORDER else len(METHOD_ORDER)
-    return method, key.method, key.operator or "", -1 if key.rank is None else key.rank
+def _row_order(key: PretrainKey) -> tuple:
+    return *method_order(key.method), key.operator or "", -1 if key.rank is None else key.rank
 
 
 def group_pretrain_runs(runs: Iterable[PretrainRun]) -> dict[PretrainKey, PretrainGroup]:
     """One :class:`PretrainGroup` per key from the completed runs, in row order (scale, model from
-    small to large, then the paper's method order). Raises ValueError if a group's seeds ran at
-    several learning rates."""
+    small to large, then the methods' order in :data:`analysis.methods.METHODS`). Raises ValueError
+    if a group's seeds ran at several learning rates."""
     by_key: dict[PretrainKey, list[PretrainRun]] = defaultdict(list)
     for run in runs:
         if run.run.status == "completed":
             by_key[run.key].append(run)
     groups = {}
-    for key in sorted(by_key, key=lambda k: (k.scale, by_key[k][0].width, k.model, *_method_order(k))):
+    for key in sorted(by_key, key=lambda k: (k.scale, by_key[k][0].width, k.model, *_row_order(k))):
         members = tuple(sorted(by_key[key], key=lambda r: r.run.seed))
         lrs = sorted({r.run.lr for r in members})
         if len(lrs) > 1:
@@ -195,20 +189,8 @@ def _panel_title(group: PretrainGroup) -> str:
     return f"{group.key.scale} scale, {group.model_label}"
 
 
-def _color(method: str) -> str:
-    return METHOD_COLORS.get(method, "C7")
-
-
-def _line_style(group: PretrainGroup, groups: Sequence[PretrainGroup]):
-    """Solid, unless the method appears with several operators: then one style per operator."""
-    operators = sorted({g.key.operator or "" for g in groups if g.key.method == group.key.method})
-    return _OPERATOR_STYLES[operators.index(group.key.operator or "") % len(_OPERATOR_STYLES)]
-
-
 def _new_figure(panels: int) -> Figure:
-    fig = Figure(figsize=(6.4 * panels, 4.6), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
+    return new_figure(6.4 * panels, 4.6)
 
 
 def moving_average(curve: dict[int, float], window: int) -> dict[int, float]:
@@ -228,12 +210,14 @@ def plot_fig4(runs: Sequence[PretrainRun], out_path: str | Path | None = None, s
         raise ValueError("Fig. 4 needs completed C4 runs; none found")
     fig = _new_figure(len(panels))
     all_groups = [g for groups in panels.values() for g in groups]
-    with_op = _operators_vary(all_groups)
+    with_op = operators_vary(all_groups)
     for i, groups in enumerate(panels.values()):
         ax = fig.add_subplot(1, len(panels), i + 1)
+        keys = [g.key for g in groups]
         for g in groups:
             smoothed = replace(g, loss=aggregate_curves(moving_average(r.run.loss, smooth) for r in g.runs))
-            _draw_loss(ax, smoothed, line_label(g, with_op), _color(g.key.method), _line_style(g, groups))
+            # colour is the method; a method drawn with several operators gets one line style per operator
+            draw_loss(ax, smoothed, line_label(g, with_op), method_style(g.key.method).color, line_style(g.key, keys))
         ax.set(xlabel="training step", ylabel="training loss (mean since previous log)",
                title=f"({chr(97 + i)}) {_panel_title(groups[0])}")
         ax.title.set_fontsize(10)
@@ -241,7 +225,7 @@ def plot_fig4(runs: Sequence[PretrainRun], out_path: str | Path | None = None, s
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     smoothing = f"; moving average over {smooth} logged points" if smooth > 1 else ""
-    fig.suptitle(f"Fig. 4 — C4 pretraining loss\n(mean ± std over {_seeds_text(all_groups)}{smoothing})",
+    fig.suptitle(f"Fig. 4 — C4 pretraining loss\n(mean ± std over {seeds_text(all_groups)}{smoothing})",
                  fontsize=11)
     if out_path is not None:
         save_figure(fig, out_path)
@@ -258,7 +242,7 @@ def _paper_cells(method: str) -> list[str]:
 def ranking_notes(rows: Sequence[PretrainGroup]) -> list[str]:
     """Our ranking (lowest perplexity first), whether the paper's ordering holds among its methods
     present (the best row of a method with several), and adjacent gaps within one std."""
-    with_op = _operators_vary(rows)
+    with_op = operators_vary(rows)
     scored = sorted((g for g in rows if g.perplexity.n), key=lambda g: g.perplexity.mean)
     if not scored:
         return ["- Ranking: no row has a validation perplexity."]
@@ -286,7 +270,7 @@ def ranking_notes(rows: Sequence[PretrainGroup]) -> list[str]:
 
 
 def _chain(methods: Iterable[str]) -> str:
-    return " < ".join(METHOD_LABELS.get(m, m) for m in methods)
+    return " < ".join(method_style(m).label for m in methods)
 
 
 def _std(stat: Stat) -> float:
@@ -306,12 +290,12 @@ def _eval_notes(rows: Sequence[PretrainGroup]) -> list[str]:
 
 
 def _table3_section(rows: list[PretrainGroup]) -> list[str]:
-    with_op = _operators_vary(rows)
+    with_op = operators_vary(rows)
     first = rows[0]
     header = ["Method", "Rank", "lr", "ours: perplexity mean ± std (n)",
               *(f"paper {m}" for m in PAPER_TABLE3_MODELS)]
     lines = [f"### {_panel_title(first)}", "",
-             f"Measured at **{first.key.scale} scale** on **{first.model_label}**, {_seeds_text(rows)}; "
+             f"Measured at **{first.key.scale} scale** on **{first.model_label}**, {seeds_text(rows)}; "
              f"the paper's columns are its {' and '.join(PAPER_TABLE3_MODELS)} models, shown for comparison "
              + ("(a mini model is not the 250M one: compare orderings, not values)." if first.key.scale == "mini"
                 else "(compare with the column of the matching size)."), "",
@@ -356,7 +340,7 @@ def lr_sweep_markdown(root: str | Path, **filters: Any) -> str:
     lines = ["## C4 learning-rate sweep — final validation perplexity (lower is better)", "",
              "| scale | model | method | rank | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
              "|---|---|---|---|" + "---|" * len(lrs)]
-    for key in sorted(cells, key=lambda k: (k.scale, k.model, *_method_order(k))):
+    for key in sorted(cells, key=lambda k: (k.scale, k.model, *_row_order(k))):
         stats = {lr: mean_std(values) for lr, values in cells[key].items()}
         best = min(stats, key=lambda lr: stats[lr].mean)
         row = [f"**{format_stat(stats[lr])}**" if lr == best else format_stat(stats[lr]) if lr in stats else "—"
@@ -382,8 +366,8 @@ class SpectrumCounts:
 
 def spectrum_counts(runs: Sequence[PretrainRun], threshold: float = FIG5_THRESHOLD) -> list[SpectrumCounts]:
     """:class:`SpectrumCounts` of every group (row order) with at least one ``spectra.safetensors``."""
-    # experiments.spectra pulls in torch and peft; import it only when spectra are read
-    from experiments.spectra import SPECTRA_FILE, count_above, load_spectra, module_type
+    # experiments.evaluation.spectra pulls in torch and peft; import it only when spectra are read
+    from experiments.evaluation.spectra import SPECTRA_FILE, count_above, load_spectra, module_type
 
     results = []
     for group in group_pretrain_runs(runs).values():
@@ -425,7 +409,7 @@ def plot_fig5(runs: Sequence[PretrainRun], out_path: str | Path | None = None,
     panels = _spectrum_panels(runs, threshold)
     groups = [r.group for rows in panels.values() for r in rows]
     fig = _new_figure(len(panels))
-    with_op = _operators_vary(groups)
+    with_op = operators_vary(groups)
     for i, rows in enumerate(panels.values()):
         ax = fig.add_subplot(1, len(panels), i + 1)
         _draw_bars(ax, rows, with_op)
@@ -433,7 +417,7 @@ def plot_fig5(runs: Sequence[PretrainRun], out_path: str | Path | None = None,
         ax.title.set_fontsize(10)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"Fig. 5 — singular values of ΔW above {threshold:g}\n(mean ± std over {_seeds_text(groups)})",
+    fig.suptitle(f"Fig. 5 — singular values of ΔW above {threshold:g}\n(mean ± std over {seeds_text(groups)})",
                  fontsize=11)
     if out_path is not None:
         save_figure(fig, out_path)
@@ -447,7 +431,7 @@ def _draw_bars(ax, rows: list[SpectrumCounts], with_op: bool) -> None:
         stats = [result.counts.get(t, Stat(math.nan, math.nan, 0)) for t in types]
         xs = [x - 0.4 + width * (j + 0.5) for x in range(len(types))]
         ax.bar(xs, [s.mean for s in stats], width, yerr=[s.std for s in stats], capsize=2,  # NaN std: no bar
-               color=_color(result.group.key.method), label=_bar_label(result.group, with_op))
+               color=method_style(result.group.key.method).color, label=_bar_label(result.group, with_op))
     full = [max(r.full_rank.get(t, 0) for r in rows) for t in types]
     ax.scatter(range(len(types)), full, marker="_", s=600, color="black", label="min(d, k)")
     ax.set_xticks(range(len(types)), [_short(t) for t in types])
@@ -462,7 +446,7 @@ def fig5_markdown(runs: Sequence[PretrainRun], threshold: float = FIG5_THRESHOLD
     """Fig. 5's numbers as Markdown, one table per (scale, model): per method, the count of singular
     values > ``threshold`` per module type as "mean ± std (n seeds)", and min(d, k) for scale."""
     panels = _spectrum_panels(runs, threshold)
-    with_op = _operators_vary(r.group for rows in panels.values() for r in rows)
+    with_op = operators_vary(r.group for rows in panels.values() for r in rows)
     lines = [f"## Fig. 5 — number of {_count_label(threshold)}", ""]
     for rows in panels.values():
         types = list(dict.fromkeys(t for r in rows for t in r.counts))
@@ -482,7 +466,7 @@ def fig5_markdown(runs: Sequence[PretrainRun], threshold: float = FIG5_THRESHOLD
 
 
 def _missing_spectra_notes(runs: Sequence[PretrainRun]) -> list[str]:
-    from experiments.spectra import SPECTRA_FILE
+    from experiments.evaluation.spectra import SPECTRA_FILE
 
     missing = [r.dir.name for r in runs if r.run.status == "completed" and not (r.dir / SPECTRA_FILE).exists()]
     return [f"- Completed runs without spectra.safetensors (not counted): {', '.join(missing)}"] if missing else []

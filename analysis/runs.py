@@ -3,7 +3,7 @@
 The paper reports, for each method and rank, the best run of a small learning-rate grid (Section 3:
 LoRA searches {1e-4, 2e-4, 3e-4}; Section 5.1: MoRA searches {5e-5, 1e-4, 2e-4}). We do the same,
 with the rule spelled out in :data:`SELECTION_RULE`, and average the chosen learning rate's seeds.
-Everything here reads files through :func:`experiments.records.find_runs`; nothing trains.
+Everything here reads files through :func:`experiments.loop.records.find_runs`; nothing trains.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
-from experiments.records import find_runs
+from experiments.loop.records import find_runs
 
 CHAR_ACCURACY, EXACT_MATCH, LOSS = "eval/char_accuracy", "eval/exact_match", "loss"
 
@@ -132,13 +132,13 @@ class Group:
 # ---------------------------------------------------------------- loading
 
 
-def _curve(metrics: list[dict], name: str) -> dict[int, float]:
+def metric_curve(metrics: list[dict], name: str) -> dict[int, float]:
     """step → value of ``name`` over the metric lines that carry it."""
     return {int(m["step"]): float(m[name]) for m in metrics if name in m}
 
 
 def run_from_record(record: dict[str, Any]) -> Run:
-    """A :class:`Run` from :func:`experiments.records.read_run`'s dict.
+    """A :class:`Run` from :func:`experiments.loop.records.read_run`'s dict.
 
     A method that targets no modules trains no adapter (full fine-tuning), so it has no rank.
     """
@@ -151,8 +151,9 @@ def run_from_record(record: dict[str, Any]) -> Run:
                effective_rank=resolved.get("effective_rank") if has_adapter else None,
                rank_mapping=resolved.get("rank_mapping") if has_adapter else None,
                lr=float(resolved.get("lr", config.get("lr"))), seed=int(config["seed"]),
-               status=(record["summary"] or {}).get("status"), loss=_curve(metrics, LOSS),
-               char_accuracy=_curve(metrics, CHAR_ACCURACY), exact_match=_curve(metrics, EXACT_MATCH))
+               status=(record["summary"] or {}).get("status"), loss=metric_curve(metrics, LOSS),
+               char_accuracy=metric_curve(metrics, CHAR_ACCURACY),
+               exact_match=metric_curve(metrics, EXACT_MATCH))
 
 
 def load_runs(root: str | Path, task: str = "uuid", scale: str | None = None, **filters: Any) -> list[Run]:
@@ -167,12 +168,12 @@ def load_runs(root: str | Path, task: str = "uuid", scale: str | None = None, **
     scales = sorted({run.scale for run in runs})
     if len(scales) > 1:
         raise ValueError(f"runs of several scales under {root}: {scales}; choose one")
-    _check_unique(runs)
+    check_unique(runs)
     return runs
 
 
-def _check_unique(runs: Iterable[Any], identity: Callable[[Any], tuple] = lambda run: (*run.key, run.lr, run.seed),
-                  fields: str = "(method, operator, rank, lr, seed)") -> None:
+def check_unique(runs: Iterable[Any], identity: Callable[[Any], tuple] = lambda run: (*run.key, run.lr, run.seed),
+                 fields: str = "(method, operator, rank, lr, seed)") -> None:
     """Raise ValueError naming the folders (``run.dir``) that repeat an ``identity`` (whose parts
     ``fields`` names): averaging them would count one seed twice."""
     seen: dict[tuple, list[Path]] = defaultdict(list)
@@ -265,6 +266,22 @@ def format_stat(stat: Stat, digits: int = 1) -> str:
         return "—"
     spread = "" if math.isnan(stat.std) else f" ± {stat.std:.{digits}f}"
     return f"{stat.mean:.{digits}f}{spread} ({stat.n})"
+
+
+def seeds_text(groups: Sequence[Any]) -> str:
+    """``3 seeds`` (or ``2–3 seeds`` when the groups differ) for a title."""
+    counts = sorted({len(g.runs) for g in groups})
+    n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+    return f"{n} seed{'s' if counts[-1] > 1 else ''}"
+
+
+def rank_label(group: Group) -> str:
+    """The paper's rank, with the rank used at this scale when it differs: ``8 (mini 1)``."""
+    if group.key.rank is None:
+        return "–"
+    run = group.runs[0]
+    differs = group.effective_rank is not None and group.effective_rank != group.key.rank
+    return f"{group.key.rank} ({run.scale} {group.effective_rank})" if differs else str(group.key.rank)
 
 
 def _key_label(key: GroupKey) -> str:

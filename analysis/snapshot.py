@@ -13,9 +13,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from experiments.records import find_runs
+from experiments.loop.records import find_runs
 
-# what tables, figures and notebooks read (experiments/records.py, experiments/spectra.py)
+# what tables, figures and notebooks read (experiments/loop/records.py, experiments/evaluation/spectra.py)
 KEPT_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "environment.json", "spectra.safetensors")
 
 

@@ -6,7 +6,7 @@
 
 Each line or row is one (method, operator, paper rank) at the learning rate chosen by
 :data:`analysis.runs.SELECTION_RULE`, averaged over its seeds (mean line, ±1 sample-std band).
-Figures are drawn on the Agg canvas without pyplot, so importing this module sets no backend.
+Figures are drawn with :mod:`analysis.plotting`, without pyplot.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from analysis.runs import (Group, GroupKey, Run, best_groups, common_eval_steps, format_stat, select_learning_rates,
-                           selection_markdown)
+from analysis.methods import method_label, method_order, method_style, operators_vary
+from analysis.plotting import draw_loss, line_label, line_style, new_figure, save_figure
+from analysis.runs import (Group, GroupKey, Run, best_groups, common_eval_steps, format_stat, rank_label, seeds_text,
+                           select_learning_rates, selection_markdown)
 
 # The paper's published Table 2 (Jiang et al. 2024; LLaMA-2-7B, 10K UUID pairs, best lr of its grid):
 # character accuracy (%) at training steps 300, 500, 700 and 900. These are the numbers we compare
@@ -34,88 +35,20 @@ PAPER_TABLE2: dict[tuple[str, int | None], tuple[float, float, float, float]] = 
     ("mora", 256): (41.6, 100.0, 100.0, 100.0),
 }
 
-METHOD_LABELS = {"fft": "FFT", "lora": "LoRA", "mora": "MoRA", "dora": "DoRA", "loraplus": "LoRA+",
-                 "asylora": "AsyLoRA", "relora": "ReLoRA", "remora": "ReMoRA"}
-FIG3_RANKS = (8, 256)
-_OPERATOR_STYLES = ("-", "-.", ":", (0, (5, 1)))
-
-
-# ---------------------------------------------------------------- labels
-
-
-def method_label(key: GroupKey, with_operator: bool = False) -> str:
-    """``MoRA`` (or ``MoRA (share)`` with ``with_operator``)."""
-    name = METHOD_LABELS.get(key.method, key.method)
-    return f"{name} ({key.operator})" if with_operator and key.operator else name
-
-
-def rank_label(group: Group) -> str:
-    """The paper's rank, with the rank used at this scale when it differs: ``8 (mini 1)``."""
-    if group.key.rank is None:
-        return "–"
-    run = group.runs[0]
-    differs = group.effective_rank is not None and group.effective_rank != group.key.rank
-    return f"{group.key.rank} ({run.scale} {group.effective_rank})" if differs else str(group.key.rank)
-
-
-def line_label(group: Group, with_operator: bool = False) -> str:
-    """Legend entry: method, paper rank (and this scale's rank if different), chosen lr."""
-    name, key, eff = method_label(group.key, with_operator), group.key, group.effective_rank
-    if key.rank is None:
-        return f"{name}, lr={group.lr:g}"
-    scale_rank = f" ({group.runs[0].scale} r={eff})" if eff is not None and eff != key.rank else ""
-    return f"{name} r={key.rank}{scale_rank}, lr={group.lr:g}"
-
-
-def _operators_vary(groups: Iterable[Group]) -> bool:
-    """Whether some method appears with several operators (then labels name the operator)."""
-    seen: dict[str, set] = {}
-    for g in groups:
-        seen.setdefault(g.key.method, set()).add(g.key.operator)
-    return any(len(ops) > 1 for ops in seen.values())
-
-
-def _seeds_text(groups: Sequence[Group]) -> str:
-    counts = sorted({len(g.runs) for g in groups})
-    n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
-    return f"{n} seed{'s' if counts[-1] > 1 else ''}"
+# The methods and ranks the paper's figures compare (Fig. 2: Section 3; Fig. 3: Section 5.1).
+FIG2_METHODS = ("fft", "lora")
+FIG3_METHODS, FIG3_RANKS = ("lora", "mora"), (8, 256)
 
 
 # ---------------------------------------------------------------- figures
 
 
-def _new_figure() -> Figure:
-    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _draw_loss(ax, group: Group, label: str, color, linestyle) -> None:
-    """Mean training loss over seeds with a ±1 std band (no band where n = 1)."""
-    steps = list(group.loss)
-    mean = [group.loss[s].mean for s in steps]
-    std = [group.loss[s].std for s in steps]
-    ax.plot(steps, mean, color=color, linestyle=linestyle, label=label)
-    ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                    color=color, alpha=0.2, linewidth=0)
-
-
-def save_figure(fig: Figure, out_path: str | Path) -> tuple[Path, Path]:
-    """Write ``fig`` as PNG and PDF with the stem of ``out_path``; returns both paths."""
-    stem = Path(out_path).with_suffix("")
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    png, pdf = stem.with_suffix(".png"), stem.with_suffix(".pdf")
-    fig.savefig(png, dpi=150)
-    fig.savefig(pdf)
-    return png, pdf
-
-
 def _loss_figure(lines: list[tuple[Group, str, object, object]], title: str,
                  out_path: str | Path | None) -> Figure:
-    fig = _new_figure()
+    fig = new_figure(6.4, 4.4)
     ax = fig.add_subplot()
     for group, label, color, linestyle in lines:
-        _draw_loss(ax, group, label, color, linestyle)
+        draw_loss(ax, group, label, color, linestyle)
     ax.set(xlabel="training step", ylabel="training loss (mean since previous log)", title=title)
     ax.title.set_fontsize(10)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -137,21 +70,22 @@ def plot_fig2(runs: Iterable[Run], out_path: str | Path | None = None) -> Figure
     Raises ValueError when there is no FFT or LoRA run to draw.
     """
     groups = [g for k, g in sorted(best_groups(runs).items(), key=lambda kv: _rank_order(kv[0]))
-              if k.method in ("fft", "lora")]
+              if k.method in FIG2_METHODS]
     if not groups:
         raise ValueError("Fig. 2 needs FFT or LoRA runs; none found")
-    lora = [g.key for g in groups if g.key.method == "lora"]
-    viridis = colormaps["viridis"].resampled(max(2, len(lora) + 1))  # one shade per rank, low rank dark
-    color = {key: viridis(i) for i, key in enumerate(lora)}
-    with_op = _operators_vary(groups)
-    lines = [(g, line_label(g, with_op), color.get(g.key, "black"), "-") for g in groups]
+    ranked = [g.key for g in groups if g.key.rank is not None]
+    viridis = colormaps["viridis"].resampled(max(2, len(ranked) + 1))  # one shade per rank, low rank dark
+    color = {key: viridis(i) for i, key in enumerate(ranked)}
+    with_op = operators_vary(groups)
+    # a line without a rank (FFT) keeps its method's colour
+    lines = [(g, line_label(g, with_op), color.get(g.key, method_style(g.key.method).color), "-") for g in groups]
     title = (f"Fig. 2 — UUID memorisation, FFT vs LoRA ({_scale(groups)} scale; "
-             f"mean ± std over {_seeds_text(groups)})")
+             f"mean ± std over {seeds_text(groups)})")
     return _loss_figure(lines, title, out_path)
 
 
 def _rank_order(key: GroupKey) -> tuple:
-    return -1 if key.rank is None else key.rank, key.method, key.operator or ""
+    return -1 if key.rank is None else key.rank, *method_order(key.method), key.operator or ""
 
 
 def plot_fig3(runs: Iterable[Run], out_path: str | Path | None = None) -> Figure:
@@ -162,17 +96,15 @@ def plot_fig3(runs: Iterable[Run], out_path: str | Path | None = None) -> Figure
     Raises ValueError when there is no LoRA or MoRA run at those ranks.
     """
     groups = [g for k, g in sorted(best_groups(runs).items(), key=lambda kv: _rank_order(kv[0]))
-              if k.method in ("lora", "mora") and k.rank in FIG3_RANKS]
+              if k.method in FIG3_METHODS and k.rank in FIG3_RANKS]
     if not groups:
         raise ValueError(f"Fig. 3 needs LoRA or MoRA runs at ranks {FIG3_RANKS}; none found")
-    operators = sorted({g.key.operator or "" for g in groups if g.key.method == "mora"})
-    with_op = _operators_vary(groups)
-    lines = []
-    for g in groups:
-        style = "--" if g.key.method == "lora" else _OPERATOR_STYLES[operators.index(g.key.operator or "") % 4]
-        lines.append((g, line_label(g, with_op), f"C{FIG3_RANKS.index(g.key.rank)}", style))
+    keys, with_op = [g.key for g in groups], operators_vary(groups)
+    # colour is the rank, so the line style tells the methods (and a method's operators) apart
+    lines = [(g, line_label(g, with_op), f"C{FIG3_RANKS.index(g.key.rank)}",
+              line_style(g.key, keys, method_style(g.key.method).linestyle)) for g in groups]
     title = (f"Fig. 3 — UUID memorisation, LoRA vs MoRA ({_scale(groups)} scale; "
-             f"mean ± std over {_seeds_text(groups)})")
+             f"mean ± std over {seeds_text(groups)})")
     return _loss_figure(lines, title, out_path)
 
 
@@ -226,7 +158,7 @@ def table2_markdown(runs: Iterable[Run], steps: Sequence[int] | None = None) -> 
     if not rows:
         raise ValueError("Table 2 needs FFT, LoRA or MoRA runs at ranks 8 or 256; none found")
     steps = tuple(steps) if steps is not None else common_eval_steps(rows)
-    with_op = _operators_vary(rows)
+    with_op = operators_vary(rows)
     header = ["Method", "Rank", "lr", *(_step_header(i, s) for i, s in enumerate(steps))]
     lines = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
     for g in rows:
@@ -235,7 +167,7 @@ def table2_markdown(runs: Iterable[Run], steps: Sequence[int] | None = None) -> 
         lines.append(f"| {method_label(g.key, with_op)} | {rank_label(g)} | {g.lr:g} | {' | '.join(cells)} |")
     scale = _scale(rows)
     return "\n".join([f"## Table 2 — UUID memorisation, character accuracy ({scale} scale, "
-                      f"{_seeds_text(rows)})", "", *lines, "", *_table2_notes(rows, steps), "",
+                      f"{seeds_text(rows)})", "", *lines, "", *_table2_notes(rows, steps), "",
                       "### Learning-rate selection", "", selection_markdown(select_learning_rates(runs))])
 
 

@@ -168,7 +168,7 @@ def test_fig3_without_its_methods_raises(runs):
         plot_fig3([r for r in runs if r.method == "fft"])
 
 
-def test_fig3_line_styles_come_from_the_method_table(runs):
+def test_fig3_draws_lora_dashed_and_mora_solid(runs):
     lines = plot_fig3(runs).axes[0].get_lines()
     styles = {line.get_label().split(" ")[0]: line.get_linestyle() for line in lines}
     assert styles == {"LoRA": "--", "MoRA": "-"}  # the paper's Fig. 3: LoRA dashed, MoRA solid
