@@ -26,7 +26,7 @@ from experiments.loop.records import RunRecord, process_rank  # noqa: E402
 from experiments.schema import RunConfig, build_run_config  # noqa: E402
 from experiments.loop.trackers import make_tracker  # noqa: E402
 from experiments.loop.training import DivergedError, train  # noqa: E402
-from experiments.tasks.uuid_memory import UUIDTask  # noqa: E402
+from experiments.tasks import Task, build_task  # noqa: E402
 from mora.adapters import LLAMA_TARGETS, adapter_summary, inject_adapters, trainable_parameter_count  # noqa: E402
 
 # config keys that may change between a run and its resumption
@@ -61,8 +61,7 @@ def execute(cfg: DictConfig) -> dict:
     main_process = process_rank() == 0
     if main_process:
         print(describe_adapters(model, run))
-        if hasattr(task, "describe"):
-            print(task.describe())
+        print(task.describe())
     config = OmegaConf.to_container(cfg, resolve=True) | {"resolved": {
         "lr": run.lr, "out_dir": str(run.out_dir), "effective_rank": run.rank.rank,
         "rank_representable": run.rank.representable, "rank_mapping": run.rank.describe(),
@@ -76,7 +75,7 @@ def execute(cfg: DictConfig) -> dict:
         if run.singular_values and main_process:
             _save_delta_spectra(run, model)
         if main_process:
-            final |= run_benchmarks(run, model, task.tokenizer)
+            final |= run_benchmarks(run, model, task)
     except DivergedError as err:
         final, status = {"error": str(err)}, "diverged"
     finally:
@@ -93,45 +92,30 @@ def execute(cfg: DictConfig) -> dict:
 def build_model_and_task(run: RunConfig):
     """(model, task). A pretrained base brings its tokenizer to the task; a model built from a
     config (pretraining from scratch) takes its vocabulary from the task's tokenizer."""
+    task_args = {"batch_size": run.train.batch_size, "seed": run.seed, "data_root": run.data_root}
     if run.model.source == "config":
-        task = make_task(run, tokenizer=None)
+        task = build_task(run.task, None, **task_args)
         return build_llama_from_config(run.model, task.vocab_size, run.seed, run.train.dtype), task
     model, tokenizer = load_model(run.model, run.data_root, run.train.dtype)
-    return model, make_task(run, tokenizer)
+    return model, build_task(run.task, tokenizer, **task_args)
 
 
-def make_task(run: RunConfig, tokenizer):
-    """The task object the loop trains on, chosen by ``task.name``."""
-    if run.task.name == "c4":
-        from experiments.tasks.c4 import C4Task, build_tokenizer
-
-        if tokenizer is None:  # pretraining from scratch: the task's own tokenizer (t5-base or a BPE)
-            tokenizer = build_tokenizer(run.task, run.data_root)
-        return C4Task(run.task, tokenizer, run.train.batch_size, run.seed, run.data_root)
-    if run.task.name == "uuid":
-        return UUIDTask(run.task, tokenizer, run.train.batch_size, run.seed)
-    from experiments.tasks.finetune_spec import build_finetune_task
-
-    return build_finetune_task(run.task, tokenizer, run.train.batch_size, run.seed, run.data_root)
-
-
-def run_benchmarks(run: RunConfig, model, tokenizer) -> dict[str, float]:
+def run_benchmarks(run: RunConfig, model, task: Task) -> dict[str, float]:
     """The task's lm-eval benchmarks on the trained model, in process (Section 5.2); results go to
     ``eval_results.json`` in the run folder and the returned metrics into the summary."""
-    tasks = getattr(run.task, "lm_eval_tasks", ())
-    if not tasks:
+    settings = task.lm_eval
+    if settings is None:
         return {}
     from experiments.evaluation.harness import evaluate_with_lm_eval, save_eval_results
 
     results = evaluate_with_lm_eval(
-        model, tokenizer, tasks, data_root=run.data_root, num_fewshot=run.task.lm_eval_fewshot,
-        limit=run.task.lm_eval_limit, batch_size=run.task.lm_eval_batch_size,
-        max_gen_toks=run.task.lm_eval_max_gen_toks)
+        model, task.tokenizer, settings.tasks, data_root=run.data_root, num_fewshot=settings.fewshot,
+        limit=settings.limit, batch_size=settings.batch_size, max_gen_toks=settings.max_gen_toks)
     path = save_eval_results(run.out_dir, results)
-    print(f"lm-eval {', '.join(tasks)} -> {path}")
+    print(f"lm-eval {', '.join(settings.tasks)} -> {path}")
     # a limited evaluation scores the first N documents only: its keys say so, so a table read from
     # summaries never mistakes a subset score for the benchmark's
-    prefix = "lm_eval" if run.task.lm_eval_limit is None else f"lm_eval_first{run.task.lm_eval_limit}"
+    prefix = "lm_eval" if settings.limit is None else f"lm_eval_first{settings.limit}"
     return {f"{prefix}/{k}": v for k, v in results["metrics"].items()}
 
 

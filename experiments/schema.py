@@ -12,7 +12,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.paths import DEFAULT_DATA_ROOT
+from experiments.tasks import TaskSpec, task_spec
 from mora.adapters import AdapterConfig
+from mora.validation import check_choice, check_int, check_known_fields
 from mora.operators import GROUP_SWITCHES
 
 SCALES = ("mini", "paper")
@@ -21,19 +23,8 @@ DEVICES = ("auto", "cpu", "cuda")
 SCHEDULERS = ("linear", "cosine", "constant")  # jagged_cosine is derived from the method (ReLoRA/ReMoRA)
 DTYPES = ("float32", "bfloat16")
 LOGGERS = ("none", "wandb")
-TASKS = ("uuid", "c4", "metamath", "tulu", "biomed", "finance")
-FINETUNE_TASKS = ("metamath", "tulu", "biomed", "finance")  # Section 5.2, Table 1 columns
 
 
-def check_choice(field: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{field} must be one of {tuple(allowed)}, got {field}={value!r}")
-
-
-def check_positive(field: str, value, allow_zero: bool = False) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        raise ValueError(f"{field} must be a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -72,15 +63,6 @@ class TrainSpec:
     restart_warmup_steps: int = 0      # jagged_cosine: linear re-warm-up after each merge
 
 
-@dataclass(frozen=True)
-class UUIDTaskSpec:
-    name: str
-    n_pairs: int
-    pair_seed: int
-    separator: str
-    eval_pairs: int | None
-    eval_batch_size: int
-
 
 @dataclass(frozen=True)
 class RankMapping:
@@ -106,7 +88,7 @@ class RankMapping:
 
 def map_rank(paper_rank: int, width: int, reference_width: int | None) -> RankMapping:
     """Scale ``paper_rank`` by width / reference_width so that r/d (hence MoRA's r̂/d = √(2r/d)) stays."""
-    check_positive("rank", paper_rank)
+    check_int("rank", paper_rank)
     if reference_width is None:
         return RankMapping(paper_rank, paper_rank, width, None, True)
     exact = paper_rank * width / reference_width
@@ -128,7 +110,7 @@ class RunConfig:
     adapter: AdapterConfig
     merge_every: int | None
     group_switch: str
-    task: object                       # UUIDTaskSpec | C4TaskSpec, by task.name
+    task: TaskSpec                     # the task family's spec (experiments.tasks registry)
     train: TrainSpec
     logger: dict
     singular_values: bool = False      # save the spectra of ΔW = W_final - W_init (Fig. 5)
@@ -142,14 +124,12 @@ def _model_spec(cfg: DictConfig) -> ModelSpec:
     for key in needed:
         if not m.get(key):
             raise ValueError(f"model.{key} is required for model.source={m['source']!r} (model={m.get('name')})")
-    check_positive("model.hidden_size", m.get("hidden_size"))
-    unknown = sorted(set(m) - set(ModelSpec.__dataclass_fields__))
-    if unknown:
-        raise ValueError(f"model has unknown fields {unknown}; allowed: {sorted(ModelSpec.__dataclass_fields__)}")
+    check_int("model.hidden_size", m.get("hidden_size"))
+    check_known_fields("model", m, ModelSpec.__dataclass_fields__)
     if m["source"] == "config":
         for key in ("intermediate_size", "num_layers", "num_heads", "num_kv_heads", "max_position_embeddings"):
             if m.get(key) is not None:
-                check_positive(f"model.{key}", m[key])
+                check_int(f"model.{key}", m[key])
         if m["hidden_size"] % m["num_heads"]:
             raise ValueError(f"model.hidden_size={m['hidden_size']} must be divisible by model.num_heads={m['num_heads']}")
     return ModelSpec(**m)
@@ -159,13 +139,13 @@ def _method_restarts(m: dict) -> tuple[int | None, str, bool, int]:
     """(merge_every, group_switch, jagged_schedule, restart_warmup_steps) of the method config."""
     merge_every = m.get("merge_every")
     if merge_every is not None:
-        check_positive("method.merge_every", merge_every)
+        check_int("method.merge_every", merge_every)
     group_switch = m.get("group_switch", "none")
     check_choice("method.group_switch", group_switch, GROUP_SWITCHES)
     if group_switch != "none" and merge_every is None:
         raise ValueError(f"method.group_switch={group_switch!r} needs method.merge_every (a switch happens at a merge)")
     restart_warmup = m.get("restart_warmup_steps", 0)
-    check_positive("method.restart_warmup_steps", restart_warmup, allow_zero=True)
+    check_int("method.restart_warmup_steps", restart_warmup, minimum=0)
     return merge_every, group_switch, bool(m.get("jagged_schedule", False)), restart_warmup
 
 
@@ -178,8 +158,8 @@ def _train_spec(cfg: DictConfig, merge_every: int | None, jagged: bool, restart_
                          "pass train.max_steps=N")
     t = OmegaConf.to_container(cfg.train, resolve=True)
     for key in ("max_steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
-        check_positive(f"train.{key}", t[key])
-    check_positive("train.warmup_steps", t["warmup_steps"], allow_zero=True)
+        check_int(f"train.{key}", t[key])
+    check_int("train.warmup_steps", t["warmup_steps"], minimum=0)
     check_choice("train.scheduler", t["scheduler"], SCHEDULERS)
     check_choice("train.dtype", t["dtype"], DTYPES)
     min_ratio = float(t.get("min_lr_ratio", 0.0))
@@ -205,22 +185,8 @@ def _train_spec(cfg: DictConfig, merge_every: int | None, jagged: bool, restart_
                         "min_lr_ratio": min_ratio, "restart_warmup_steps": restart_warmup if scheduler == "jagged_cosine" else 0})
 
 
-def _task_spec(cfg: DictConfig):
-    t = OmegaConf.to_container(cfg.task, resolve=True)
-    check_choice("task", t.get("name"), TASKS)
-    if t["name"] == "c4":
-        from experiments.tasks.c4 import C4TaskSpec  # tokenizers/datasets only when the task needs them
-
-        return C4TaskSpec.from_dict(t)
-    if t["name"] in FINETUNE_TASKS:
-        from experiments.tasks.finetune_spec import FinetuneTaskSpec
-
-        return FinetuneTaskSpec.from_dict(t)
-    check_positive("task.n_pairs", t["n_pairs"])
-    check_positive("task.eval_batch_size", t["eval_batch_size"])
-    if t.get("eval_pairs") is not None:
-        check_positive("task.eval_pairs", t["eval_pairs"])
-    return UUIDTaskSpec(**t)
+def _task_spec(cfg: DictConfig) -> TaskSpec:
+    return task_spec(OmegaConf.to_container(cfg.task, resolve=True))
 
 
 # method fields that configure the training loop rather than the adapter layers
@@ -267,7 +233,7 @@ def build_run_config(cfg: DictConfig, cuda_available: bool) -> RunConfig:
     check_choice("scale", cfg.scale.name, SCALES)
     check_choice("device", cfg.device, DEVICES)
     check_choice("logger", cfg.logger.kind, LOGGERS)
-    check_positive("seed", cfg.seed, allow_zero=True)
+    check_int("seed", cfg.seed, minimum=0)
     model = _model_spec(cfg)
     device = ("cuda" if cuda_available else "cpu") if cfg.device == "auto" else cfg.device
     if device == "cuda" and not cuda_available:
@@ -287,8 +253,7 @@ def build_run_config(cfg: DictConfig, cuda_available: bool) -> RunConfig:
     lr = _learning_rate(cfg, adapter.method)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.out_root) / default_run_name(cfg, adapter, lr)
     train, task = _train_spec(cfg, merge_every, jagged, restart_warmup), _task_spec(cfg)
-    if isinstance(task, UUIDTaskSpec) and train.batch_size > task.n_pairs:
-        raise ValueError(f"train.batch_size={train.batch_size} exceeds task.n_pairs={task.n_pairs}")
+    task.check_train(train.batch_size)
     return RunConfig(seed=cfg.seed, scale=cfg.scale.name, rank=rank, lr=lr,
                      resume=bool(cfg.resume), device=device, out_dir=out_dir, data_root=data_root,
                      model=model, adapter=adapter, merge_every=merge_every, group_switch=group_switch,

@@ -12,13 +12,15 @@ import torch
 from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import experiments.tasks.c4 as c4
-from experiments.tasks.c4 import (C4Task, C4TaskSpec, bpe_cache_key, build_tokenizer, encode_documents,
-                                 evaluate_perplexity, first_blocks, json_stream_loader, load_t5_tokenizer, local_splits,
-                                 pack_documents, read_documents, stream_blocks, stream_train_texts,
-                                 train_bpe_tokenizer)
-from experiments.data.offline import DEFAULT_DATA_ROOT, OfflineDataError
-from experiments.tasks.uuid_memory import batch_indices
+import experiments.models.c4_tokenizers as c4_tokenizers
+from experiments.data.c4 import json_stream_loader, local_splits, read_documents, stream_train_texts
+from experiments.data.offline import DEFAULT_DATA_ROOT, OfflineDataError, verify_files
+from experiments.models.c4_tokenizers import bpe_cache_key, load_t5_tokenizer, train_bpe_tokenizer
+from experiments.tasks.base import batch_indices, evaluate_perplexity, pack_documents, stream_blocks
+from experiments.tasks.base import tokenize as encode_documents
+import experiments.tasks.c4 as c4_task
+from experiments.tasks import task_spec
+from experiments.tasks.c4 import C4Task, C4TaskSpec, build_tokenizer, first_blocks
 
 ROOT = DEFAULT_DATA_ROOT
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -34,7 +36,7 @@ def stream_of(id_lists, eos):
 
 @pytest.fixture(scope="module")
 def splits():
-    return local_splits(SPEC, ROOT)
+    return local_splits(ROOT, SPEC.train_files, SPEC.validation_files)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,6 @@ def task(bpe):
 # --------------------------------------------------------------------------------------- spec
 
 @pytest.mark.parametrize("override, field", [
-    ({"name": "c5"}, "task.name"),
     ({"source": "web"}, "task.source"),
     ({"tokenizer": "gpt2"}, "task.tokenizer"),
     ({"train_files": []}, "task.train_files"),
@@ -93,6 +94,12 @@ def task(bpe):
 def test_bad_spec_fields_are_named(override, field):
     with pytest.raises(ValueError, match=f"{field}="):
         C4TaskSpec.from_dict(override)
+
+
+def test_an_unregistered_task_name_is_refused_by_the_registry():
+    with pytest.raises(ValueError, match=r"task must be one of \(.*'c4'.*\), got task='c5'"):
+        task_spec({"name": "c5"})
+    assert isinstance(task_spec({"name": "c4", "seq_len": 64}), C4TaskSpec)
 
 
 def test_spec_messages_list_allowed_values_and_unknown_fields():
@@ -131,7 +138,7 @@ def test_bpe_is_trained_on_the_train_split_only_and_cached(train_texts, val_text
 
     def no_training(*args, **kwargs):
         raise AssertionError("the second call retrained instead of reading the cache")
-    monkeypatch.setattr(c4.trainers, "BpeTrainer", no_training)
+    monkeypatch.setattr(c4_tokenizers.trainers, "BpeTrainer", no_training)
     second = build_tokenizer(spec, ROOT, tmp_path)
     assert second.get_vocab() == first.get_vocab()
     assert second(val_texts[0])["input_ids"] == first(val_texts[0])["input_ids"]
@@ -289,15 +296,15 @@ def test_perplexity_is_exp_of_the_token_weighted_mean(task):
 
 @pytest.fixture(scope="module")
 def local_stream():
-    train = [str(p) for p in c4.verify_files(ROOT, SPEC.train_files)]
-    validation = [str(p) for p in c4.verify_files(ROOT, SPEC.validation_files)]
+    train = [str(p) for p in verify_files(ROOT, SPEC.train_files)]
+    validation = [str(p) for p in verify_files(ROOT, SPEC.validation_files)]
     return json_stream_loader({"train": train, "validation": validation})
 
 
 def streamed_task(t5, loader, monkeypatch, **override):
     def no_hub(*args, **kwargs):
         raise AssertionError("the test contacted the hub loader")
-    monkeypatch.setattr(c4, "hub_stream_loader", no_hub)
+    monkeypatch.setattr(c4_task, "hub_stream_loader", no_hub)
     spec = C4TaskSpec.from_dict({"source": "hub", "tokenizer": "t5", "hub_dataset": "no-such/dataset",
                                  "seq_len": 64, "eval_tokens": 1000, "shuffle_buffer": 0, **override})
     return C4Task(spec, t5, batch_size=4, seed=0, data_root=ROOT, load_stream=loader)

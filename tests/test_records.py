@@ -8,7 +8,8 @@ import pytest
 import torch
 import yaml
 
-from experiments.loop.records import (RunRecord, atomic_torch_save, atomic_write_bytes, find_runs, git_state,
+from experiments.files import atomic_torch_save, atomic_write_bytes
+from experiments.loop.records import (RunRecord, find_runs, git_state,
                                  read_run)
 
 CONFIG = {"method": {"name": "mora", "operator": "share"}, "rank": 8, "lr": 3e-4, "resume": False,

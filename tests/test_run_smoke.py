@@ -22,7 +22,7 @@ from experiments.loop.records import find_runs, read_run
 from experiments.run import execute
 from experiments.evaluation.spectra import load_spectra
 from experiments.loop.training import CHECKPOINT, _adapter_parameters
-from experiments.tasks.uuid_memory import UUIDTask
+from experiments.tasks import build_task
 from tests.test_configs import EXPERIMENTS, METHODS, REPO, compose
 
 TINY = ["train.max_steps=3", "train.batch_size=4", "task.n_pairs=8", "task.eval_pairs=4", "train.eval_steps=[3]",
@@ -211,14 +211,14 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path, launch):
 
 
 class PoisonAtStep:
-    """Wraps the UUID task: fetching the batch of 0-based step ``step`` first writes NaN into every
+    """Wraps the task builder: fetching the batch of 0-based step ``step`` first writes NaN into every
     adapter parameter (MoRA's M), as an exploding update would."""
 
     def __init__(self, step: int, model_box: list):
         self.step, self.model_box = step, model_box
 
     def task(self, *args, **kwargs):
-        task = UUIDTask(*args, **kwargs)
+        task = build_task(*args, **kwargs)
         batch = task.batch
 
         def poisoned(step, *rest):
@@ -236,7 +236,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypa
     model_box = []
     inject = run_module.inject_adapters
     monkeypatch.setattr(run_module, "inject_adapters", lambda model, cfg: (model_box.append(model), inject(model, cfg)))
-    monkeypatch.setattr(run_module, "UUIDTask", PoisonAtStep(1, model_box).task)  # the 2nd optimizer step
+    monkeypatch.setattr(run_module, "build_task", PoisonAtStep(1, model_box).task)  # the 2nd optimizer step
     out = tmp_path / "run"
     summary = execute(compose(*TINY, "train.ckpt_every=1", f"out_dir={out}"))
 

@@ -11,13 +11,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from experiments.tasks.c4 import evaluate_perplexity
+from experiments.tasks.base import IGNORE_INDEX, evaluate_perplexity
 from experiments.data.finetune import (ChoiceExample, Segment, alpaca_eval_indices, gsm8k_pairs, load_alpaca,
                                        load_gsm8k, load_pubmedqa, pubmedqa_abstract, split_heldout, split_pubmedqa)
 from experiments.models.loading import STORIES260K
 from experiments.data.offline import DEFAULT_DATA_ROOT, verify_files
-from experiments.tasks.finetune import (IGNORE_INDEX, SFTTask, TextTask, alpaca_task, collate, encode_choices,
-                                  encode_examples, encode_texts, gsm8k_task, pubmed_texts)
+from experiments.data.finetune import pubmed_texts
+from experiments.tasks.examples import collate, encode_choices, encode_examples, encode_texts
+from experiments.tasks.finetune import FinetuneTaskSpec, SFTTask, TextTask, build_finetune_task
 from experiments.models.sp_tokenizer import load_sentencepiece_tokenizer
 from lm_eval_tasks import utils
 from tests.test_finetune_data import heldout_sections
@@ -227,15 +228,20 @@ def test_choice_rows_longer_than_max_len_lose_the_start_of_their_prompt(tok):
 
 # ----------------------------------------------------------------------------- mini data builders
 
+def mini_task(tok, dataset: str, batch_size: int, max_len: int, n_eval: int):
+    spec = FinetuneTaskSpec(name="mini", dataset=dataset, max_len=max_len, n_eval=n_eval)
+    return build_finetune_task(spec, tok, batch_size=batch_size, seed=0, data_root=DEFAULT_DATA_ROOT)
+
+
 def test_gsm8k_task_scores_the_first_test_problems(tok):
-    task = gsm8k_task(tok, batch_size=8, seed=0, max_len=640, n_eval=20)
+    task = mini_task(tok, "gsm8k", batch_size=8, max_len=640, n_eval=20)
     assert len(task.data) + task.data.n_dropped == 7473 and len(task.eval_data) == 20
     test, train = load_gsm8k("test"), load_gsm8k("train")
     assert torch.equal(task.eval_data.tokens, encode_examples(gsm8k_pairs(test[:20]), tok, 640).tokens)
     assert not {row["question"] for row in test} & {row["question"] for row in train}
     assert "median" in task.describe()
     with pytest.raises(ValueError, match="n_eval=1320 exceeds the 1319"):
-        gsm8k_task(tok, batch_size=8, seed=0, max_len=640, n_eval=1320)
+        mini_task(tok, "gsm8k", batch_size=8, max_len=640, n_eval=1320)
 
 
 def squash(text: str) -> str:
@@ -249,7 +255,7 @@ def trained_responses(data, tok) -> list[str]:
 
 
 def test_alpaca_task_never_trains_on_a_response_alpaca_local_nll_scores(tok):
-    task = alpaca_task(tok, batch_size=4, seed=0, max_len=4096, n_eval=10)  # no response cut short
+    task = mini_task(tok, "alpaca", batch_size=4, max_len=4096, n_eval=10)  # no response cut short
     assert len(task.data) == 80 and len(task.eval_data) == 10
     pairs = load_alpaca()
     scored = utils.load_alpaca_heldout(tokenizer=tok)["test"]  # what lm-eval scores
@@ -259,7 +265,7 @@ def test_alpaca_task_never_trains_on_a_response_alpaca_local_nll_scores(tok):
     assert not trained & {squash(target) for target in scored["target"]}
     assert trained_responses(task.eval_data, tok) == [squash(target) for target in scored["target"][:10]]
     with pytest.raises(ValueError, match="n_eval=21 exceeds the 20 held-out"):
-        alpaca_task(tok, batch_size=4, seed=0, max_len=512, n_eval=21)
+        mini_task(tok, "alpaca", batch_size=4, max_len=512, n_eval=21)
 
 
 def test_pubmed_texts_never_train_on_an_abstract_lm_eval_scores():

@@ -9,9 +9,9 @@ import torch
 
 from experiments.models.loading import STORIES260K
 from experiments.data.offline import DEFAULT_DATA_ROOT
-from experiments.schema import UUIDTaskSpec
 from experiments.models.sp_tokenizer import load_sentencepiece_tokenizer
-from experiments.tasks.uuid_memory import (IGNORE_INDEX, UUIDTask, batch_indices, character_accuracy, encode_pairs,
+from experiments.tasks.base import IGNORE_INDEX, batch_indices
+from experiments.tasks.uuid_memory import (UUIDTask, UUIDTaskSpec, character_accuracy, encode_pairs,
                                    make_uuid_pairs, training_batch)
 
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")

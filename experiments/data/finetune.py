@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+from experiments.data.adaptllm import AdaptLLMConfig, convert_corpus, domain_keywords, mix_with_instructions
 from experiments.data.offline import DEFAULT_DATA_ROOT, verify_files
 
 GSM8K_FILES = {"train": "finetune/gsm8k_train.jsonl", "test": "finetune/gsm8k_test.jsonl"}
@@ -350,3 +351,53 @@ def pubmedqa_choice(item: PubMedQAItem) -> ChoiceExample:
 def pubmedqa_pair(item: PubMedQAItem) -> tuple[str, str]:
     """The question with its gold decision as a (prompt, response) pair."""
     return pubmedqa_prompt(item), item.decision
+
+
+# ------------------------------------------------------------------ the mini tasks' data (offline)
+
+def first_n(items: Sequence, n: int, what: str) -> list:
+    """The first ``n`` of ``items`` (the in-loop evaluation subset); more than there are is an error."""
+    if n > len(items):
+        raise ValueError(f"task.n_eval={n} exceeds the {len(items)} {what}")
+    return list(items[:n])
+
+
+def gsm8k_mini(data_root: str | Path = DEFAULT_DATA_ROOT, n_eval: int = 200):
+    """(training pairs, held-out pairs) of the mini math task: GSM8K train in MetaMath's format; the
+    first ``n_eval`` problems of the test file (which never overlaps the training file) held out."""
+    heldout = first_n(load_gsm8k("test", data_root), n_eval, "GSM8K test problems")
+    return gsm8k_pairs(load_gsm8k("train", data_root)), gsm8k_pairs(heldout)
+
+
+def alpaca_mini(data_root: str | Path = DEFAULT_DATA_ROOT, n_eval: int = 10, every: int = HELDOUT_EVERY):
+    """(training pairs, held-out pairs) of the mini instruction task: the 100 Alpaca examples less
+    every ``every``-th (the ones ``alpaca_local_nll`` scores: 20 of 100, :func:`is_heldout`); the
+    first ``n_eval`` of those held out."""
+    pairs = load_alpaca(data_root)
+    train, heldout = split_heldout(len(pairs), every)
+    return [pairs[i] for i in train], first_n([pairs[i] for i in heldout], n_eval, "held-out Alpaca examples")
+
+
+def pubmed_texts(data_root: str | Path = DEFAULT_DATA_ROOT, every: int = HELDOUT_EVERY,
+                 adaptllm: AdaptLLMConfig | None = AdaptLLMConfig(), general_texts: Sequence[str] = (),
+                 instruction_ratio: float = 0.0, seed: int = 0):
+    """(training texts, held-out abstracts, held-out questions) of the mini biomedicine task.
+
+    Training texts are the abstracts of the training items (800 of PubMedQA-L's 1,000, the
+    complement of what ``pubmedqa_local`` and ``pubmed_abstracts_ppl`` score), as AdaptLLM reading
+    comprehension (titles = the items' questions, which PubMedQA takes from the article titles;
+    keywords from ``general_texts``), mixed with the training Alpaca instructions at
+    ``instruction_ratio``; ``adaptllm=None`` keeps the raw abstracts. Held-out items (every
+    ``every``-th PMID in numeric order) give only evaluation data.
+    """
+    train, heldout = split_pubmedqa(load_pubmedqa(data_root), every)
+    abstracts = [pubmedqa_abstract(item) for item in train]
+    texts = abstracts
+    if adaptllm is not None:
+        keywords = domain_keywords(abstracts, general_texts) if general_texts else frozenset()
+        texts = convert_corpus(abstracts, adaptllm, seed, [item.question for item in train], keywords)
+    if instruction_ratio:
+        alpaca = load_alpaca(data_root)
+        instructions = [alpaca[i][0] + alpaca[i][1] for i in split_heldout(len(alpaca), every)[0]]
+        texts = mix_with_instructions(texts, instructions, instruction_ratio, seed)
+    return texts, [pubmedqa_abstract(item) for item in heldout], [pubmedqa_choice(item) for item in heldout]

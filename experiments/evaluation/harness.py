@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.paths import DEFAULT_DATA_ROOT, LM_EVAL_TASKS_DIR
-from experiments.loop.records import atomic_write_bytes
+from experiments.files import atomic_write_bytes
 
 EVAL_RESULTS = "eval_results.json"
 SEED = 1234  # python, numpy, torch and few-shot sampling seeds: the same call gives the same scores

@@ -20,7 +20,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save
 from torch import nn
 
-from experiments.loop.records import atomic_write_bytes
+from experiments.files import atomic_write_bytes
 from mora.adapters import LLAMA_TARGETS, adapter_layers
 from mora.layer import MoRALinear
 

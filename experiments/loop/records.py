@@ -30,10 +30,11 @@ import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import Any
 
 import yaml
 
+from experiments.files import atomic_torch_save, atomic_write_text  # noqa: F401 (atomic_torch_save: moved, see files.py)
 from experiments.paths import REPO_ROOT
 
 CONFIG, ENVIRONMENT, METRICS, SUMMARY = "config.yaml", "environment.json", "metrics.jsonl", "summary.json"
@@ -76,14 +77,14 @@ class RunRecord:
         elif (run_dir / CONFIG).exists():
             raise FileExistsError(f"{run_dir} already holds a run; resume it or choose another folder")
         run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(run_dir / CONFIG, yaml.safe_dump(config, sort_keys=False))
+        atomic_write_text(run_dir / CONFIG, yaml.safe_dump(config, sort_keys=False))
         _write_environment(run_dir, resuming)
         record = cls(run_dir)
         if resuming:
             (run_dir / SUMMARY).unlink(missing_ok=True)
             record.truncate_after(float("inf"))  # drops a torn last line before we append after it
         else:
-            _atomic_write_text(run_dir / METRICS, "")
+            atomic_write_text(run_dir / METRICS, "")
         return record
 
     def elapsed(self) -> float:
@@ -112,7 +113,7 @@ class RunRecord:
         if not self.writer:
             return
         kept = [m for m in _read_jsonl(self.dir / METRICS) if m["step"] <= step]
-        _atomic_write_text(self.dir / METRICS, "".join(json.dumps(m) + "\n" for m in kept))
+        atomic_write_text(self.dir / METRICS, "".join(json.dumps(m) + "\n" for m in kept))
         self._elapsed_before = kept[-1]["time"] if kept else 0.0
         self._started = time.monotonic()
 
@@ -125,7 +126,7 @@ class RunRecord:
                 "finished_at": _now_iso()}
         if not self.writer:
             return full
-        _atomic_write_text(self.dir / SUMMARY, json.dumps(full, indent=2, default=_scalar) + "\n")
+        atomic_write_text(self.dir / SUMMARY, json.dumps(full, indent=2, default=_scalar) + "\n")
         return full
 
 
@@ -155,56 +156,6 @@ def _scalar(value: Any) -> Any:
 
 def _now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-# ---------------------------------------------------------------- atomic writes
-
-
-def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Call ``write`` on a temp file beside ``path``, fsync it, then rename it over ``path``.
-
-    If ``write`` raises, the temp file is removed and ``path`` keeps its old contents (or stays
-    absent). The temp file is opened normally, not by ``mkstemp``, so it gets the umask's mode.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable; not every filesystem lets a directory be fsynced."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` all at once (see :func:`_atomic_write`)."""
-    _atomic_write(path, lambda f: f.write(data))
-
-
-def _atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` streamed into a temp file and renamed over ``path``: a checkpoint is either
-    the old one or the complete new one. torch is imported here so readers need not have it."""
-    import torch
-
-    _atomic_write(path, lambda f: torch.save(obj, f))
 
 
 # ---------------------------------------------------------------- environment
@@ -289,7 +240,7 @@ def _write_environment(run_dir: Path, resuming: bool) -> None:
         first = json.loads(path.read_text())
         first.setdefault("resumes", []).append(env)
         env = first
-    _atomic_write_text(path, json.dumps(env, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(env, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------- configs

@@ -16,8 +16,29 @@ from dataclasses import dataclass
 import torch
 
 from experiments.models.sp_tokenizer import encode_characters
+from experiments.tasks.base import IGNORE_INDEX, TaskSpec, TokenizerVocabulary, batch_indices, check_spec_ints, eval_mode
 
-IGNORE_INDEX = -100
+
+@dataclass(frozen=True)
+class UUIDTaskSpec(TaskSpec):
+    """conf/task/uuid.yaml: how many pairs, from which seed, and how evaluation reads them."""
+
+    name: str = "uuid"
+    n_pairs: int = 10_000
+    pair_seed: int = 1234
+    separator: str = ":"
+    eval_pairs: int | None = None      # score the first N pairs (None: all)
+    eval_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        check_spec_ints(self, {"n_pairs": 1, "pair_seed": 0, "eval_pairs": 1, "eval_batch_size": 1},
+                        optional=("eval_pairs",))
+        if self.eval_pairs is not None and self.eval_pairs > self.n_pairs:
+            raise ValueError(f"task.eval_pairs={self.eval_pairs} exceeds task.n_pairs={self.n_pairs}")
+
+    def check_train(self, batch_size: int) -> None:
+        if batch_size > self.n_pairs:
+            raise ValueError(f"train.batch_size={batch_size} exceeds task.n_pairs={self.n_pairs}")
 
 
 def make_uuid_pairs(n_pairs: int, seed: int) -> list[tuple[str, str]]:
@@ -58,18 +79,6 @@ def training_batch(data: EncodedPairs, indices: torch.Tensor) -> dict[str, torch
     return {"input_ids": input_ids, "labels": labels}
 
 
-def batch_indices(n_pairs: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
-    """Pairs of training step ``step`` (0-based): epoch-wise shuffles, a pure function of step.
-
-    Recomputing from (seed, epoch) instead of iterating a loader is what lets a resumed run see
-    exactly the batches an uninterrupted one would.
-    """
-    per_epoch = max(1, n_pairs // batch_size)  # drop the last partial batch, as the paper's 10K/1K
-    epoch, slot = divmod(step, per_epoch)
-    order = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return order[slot * batch_size:(slot + 1) * batch_size]
-
-
 def character_accuracy(predicted: str, expected: str) -> float:
     """Fraction of ``expected``'s characters matched at the same position (Table 2's metric)."""
     hits = sum(p == e for p, e in zip(predicted, expected))
@@ -80,32 +89,32 @@ def character_accuracy(predicted: str, expected: str) -> float:
 def evaluate_uuid(model, tokenizer, data: EncodedPairs, batch_size: int, device: torch.device,
                   limit: int | None = None) -> dict[str, float]:
     """Greedy generation of every value; mean character accuracy and exact-match rate."""
-    model.eval()
     n = len(data.values) if limit is None else min(limit, len(data.values))
     new_tokens = data.targets.shape[1]
     scores, exact = [], 0
-    for start in range(0, n, batch_size):
-        prompts = data.prompts[start:start + batch_size].to(device)
-        out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None,
-                             pad_token_id=tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(out[:, prompts.shape[1]:], skip_special_tokens=True)
-        for text, value in zip(texts, data.values[start:start + batch_size]):
-            predicted = text.replace(" ", "")[:len(value)]
-            scores.append(character_accuracy(predicted, value))
-            exact += predicted == value
-    model.train()
+    with eval_mode(model):
+        for start in range(0, n, batch_size):
+            prompts = data.prompts[start:start + batch_size].to(device)
+            out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None,
+                                 pad_token_id=tokenizer.pad_token_id)
+            texts = tokenizer.batch_decode(out[:, prompts.shape[1]:], skip_special_tokens=True)
+            for text, value in zip(texts, data.values[start:start + batch_size]):
+                predicted = text.replace(" ", "")[:len(value)]
+                scores.append(character_accuracy(predicted, value))
+                exact += predicted == value
     return {"char_accuracy": 100.0 * sum(scores) / n, "exact_match": 100.0 * exact / n}
 
 
-class UUIDTask:
+class UUIDTask(TokenizerVocabulary):
     """The UUID task as the training loop sees it: deterministic batches and an evaluation."""
 
-    def __init__(self, spec, tokenizer, batch_size: int, seed: int):
+    lm_eval = None  # scored in the loop only (Table 2's character accuracy)
+
+    def __init__(self, spec: UUIDTaskSpec, tokenizer, batch_size: int, seed: int):
+        spec.check_train(batch_size)
         self.spec, self.tokenizer, self.batch_size, self.seed = spec, tokenizer, batch_size, seed
         self.data = encode_pairs(make_uuid_pairs(spec.n_pairs, spec.pair_seed), tokenizer, spec.separator)
-        if batch_size > spec.n_pairs:
-            raise ValueError(f"train.batch_size={batch_size} exceeds task.n_pairs={spec.n_pairs}")
 
     def batch(self, step: int, process_index: int = 0, num_processes: int = 1) -> dict[str, torch.Tensor]:
         """This process's share of the global batch of ``step``."""
@@ -115,3 +124,17 @@ class UUIDTask:
     def evaluate(self, model, device: torch.device) -> dict[str, float]:
         return evaluate_uuid(model, self.tokenizer, self.data, self.spec.eval_batch_size, device,
                              self.spec.eval_pairs)
+
+    def describe(self) -> str:
+        n_eval = self.spec.n_pairs if self.spec.eval_pairs is None else self.spec.eval_pairs
+        return (f"UUID pairs: {self.spec.n_pairs:,} (pair seed {self.spec.pair_seed}), "
+                f"{self.data.prompts.shape[1]} prompt + {self.data.targets.shape[1]} target tokens each, "
+                f"{self.batch_size} per step; evaluation generates {n_eval:,} values")
+
+
+def build_uuid_task(spec: UUIDTaskSpec, tokenizer, *, batch_size: int, seed: int, data_root) -> UUIDTask:
+    """The registry's builder; ``data_root`` is unused (the pairs are generated)."""
+    if tokenizer is None:
+        raise ValueError("task=uuid fine-tunes a pretrained model and uses its tokenizer; "
+                         "model.source=config (a model built from scratch) has none")
+    return UUIDTask(spec, tokenizer, batch_size, seed)
