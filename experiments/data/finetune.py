@@ -348,10 +348,6 @@ def pubmedqa_choice(item: PubMedQAItem) -> ChoiceExample:
     return ChoiceExample(pubmedqa_prompt(item), PUBMEDQA_DECISIONS, PUBMEDQA_DECISIONS.index(item.decision))
 
 
-def pubmedqa_pair(item: PubMedQAItem) -> tuple[str, str]:
-    """The question with its gold decision as a (prompt, response) pair."""
-    return pubmedqa_prompt(item), item.decision
-
 
 # ------------------------------------------------------------------ the mini tasks' data (offline)
 
