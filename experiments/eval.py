@@ -29,8 +29,8 @@ from experiments.data.offline import DEFAULT_DATA_ROOT  # noqa: E402
 from experiments.loop.records import CONFIG  # noqa: E402
 from experiments.paths import REPO_ROOT  # noqa: E402
 from experiments.schema import ModelSpec, build_run_config  # noqa: E402
-from experiments.loop.training import CHECKPOINT  # noqa: E402
-from mora.adapters import inject_adapters, load_adapter, load_adapter_state_dict, merge_and_unload  # noqa: E402
+from experiments.loop.checkpoint import CHECKPOINT, load_checkpoint  # noqa: E402
+from mora.adapters import inject_adapters, load_adapter, merge_and_unload  # noqa: E402
 
 
 def load_run(run_dir: str | Path, device: str = "auto"):
@@ -46,13 +46,8 @@ def load_run(run_dir: str | Path, device: str = "auto"):
                          "logged during training, lm-eval benchmarks need a pretrained base model")
     model, tokenizer = load_model(run.model, run.data_root, run.train.dtype)
     inject_adapters(model, run.adapter)
-    ckpt = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
-    for name, groups in ckpt["mora_groups"].items():  # ReMoRA switches the sharing groups at merges
-        model.get_submodule(name).mora.set_groups(*groups)
-    for name in ckpt["base_modified"]:  # ReLoRA/ReMoRA merged updates into these base weights
-        model.get_submodule(name).base_weight_modified = True
-    load_adapter_state_dict(model, ckpt["weights"])  # FFT: every weight; adapters: theirs and the trained ones
-    return model.to(run.device).eval(), tokenizer, run, ckpt["loop"]["step"]
+    loop = load_checkpoint(run_dir / CHECKPOINT, model)  # FFT: every weight; adapters: theirs and the trained ones
+    return model.to(run.device).eval(), tokenizer, run, loop["step"]
 
 
 def model_spec(model_name: str) -> ModelSpec:

@@ -71,7 +71,7 @@ def execute(cfg: DictConfig) -> dict:
     start, status = time.time(), "completed"
     try:
         final = train(model, task, run.adapter, run.train, run.lr, record, tracker, device=run.device,
-                      resume=run.resume, merge_every=run.merge_every, group_switch=run.group_switch)
+                      resume=run.resume, restarts=run.restarts)
         if run.singular_values and main_process:
             _save_delta_spectra(run, model)
         if main_process:

@@ -14,8 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 from experiments.paths import DEFAULT_DATA_ROOT
 from experiments.tasks import TaskSpec, task_spec
 from mora.adapters import AdapterConfig
+from mora.restarts import RestartConfig, check_restarts
 from mora.validation import check_choice, check_int, check_known_fields
-from mora.operators import GROUP_SWITCHES
 
 SCALES = ("mini", "paper")
 MODEL_SOURCES = ("llama2c", "hub", "config")
@@ -60,7 +60,6 @@ class TrainSpec:
     eval_steps: tuple[int, ...]
     dtype: str
     min_lr_ratio: float = 0.0          # cosine envelopes end at min_lr_ratio · lr (ReLoRA: 0.1)
-    restart_warmup_steps: int = 0      # jagged_cosine: linear re-warm-up after each merge
 
 
 
@@ -108,8 +107,7 @@ class RunConfig:
     data_root: Path
     model: ModelSpec
     adapter: AdapterConfig
-    merge_every: int | None
-    group_switch: str
+    restarts: RestartConfig            # ReLoRA/ReMoRA merges (never, for the other methods)
     task: TaskSpec                     # the task family's spec (experiments.tasks registry)
     train: TrainSpec
     logger: dict
@@ -135,23 +133,19 @@ def _model_spec(cfg: DictConfig) -> ModelSpec:
     return ModelSpec(**m)
 
 
-def _method_restarts(m: dict) -> tuple[int | None, str, bool, int]:
-    """(merge_every, group_switch, jagged_schedule, restart_warmup_steps) of the method config."""
-    merge_every = m.get("merge_every")
-    if merge_every is not None:
-        check_int("method.merge_every", merge_every)
-    group_switch = m.get("group_switch", "none")
-    check_choice("method.group_switch", group_switch, GROUP_SWITCHES)
-    if group_switch != "none" and merge_every is None:
-        raise ValueError(f"method.group_switch={group_switch!r} needs method.merge_every (a switch happens at a merge)")
-    restart_warmup = m.get("restart_warmup_steps", 0)
-    check_int("method.restart_warmup_steps", restart_warmup, minimum=0)
-    return merge_every, group_switch, bool(m.get("jagged_schedule", False)), restart_warmup
+# method fields that configure the training loop's restarts rather than the adapter layers
+RESTART_FIELDS = tuple(RestartConfig.__dataclass_fields__)
 
 
-def _train_spec(cfg: DictConfig, merge_every: int | None, jagged: bool, restart_warmup: int) -> TrainSpec:
+def _restart_config(cfg: DictConfig) -> RestartConfig:
+    """The method's restart settings (conf/method/relora.yaml, remora.yaml); other methods have none."""
+    m = OmegaConf.to_container(cfg.method, resolve=True)
+    return RestartConfig(**{k: m[k] for k in RESTART_FIELDS if k in m})
+
+
+def _train_spec(cfg: DictConfig, restarts: RestartConfig) -> TrainSpec:
     """The training settings; a merging method with ``jagged_schedule`` turns the schedule into
-    ReLoRA's jagged cosine (Section 5.3): LR zero at each merge, ``restart_warmup`` steps back up."""
+    ReLoRA's jagged cosine (Section 5.3): LR zero at each merge, ``restart_warmup_steps`` back up."""
     if cfg.train.max_steps is None:
         raise ValueError(f"train.max_steps has no value for task={cfg.task.name} at scale={cfg.scale.name}: the preset "
                          "leaves it to you (one epoch of your corpus, whose size the paper does not state); "
@@ -169,34 +163,30 @@ def _train_spec(cfg: DictConfig, merge_every: int | None, jagged: bool, restart_
     if any(s <= 0 or s > t["max_steps"] for s in steps):
         raise ValueError(f"train.eval_steps must lie in [1, train.max_steps={t['max_steps']}], got {list(steps)}")
     scheduler = t["scheduler"]
-    if merge_every is not None and jagged:
+    if restarts.jagged_schedule:
+        merge_every = restarts.merge_every
         if t["scheduler"] != "cosine":
             raise ValueError("method.jagged_schedule=true needs train.scheduler=cosine (the jagged schedule is "
                              f"a cosine envelope with restarts), got train.scheduler={t['scheduler']!r}")
         if t["max_steps"] % merge_every:
             raise ValueError(f"method.merge_every={merge_every} must divide train.max_steps={t['max_steps']} "
                              "(the jagged schedule's cycles must tile the run)")
-        if not 1 <= restart_warmup < merge_every or not t["warmup_steps"] < merge_every:
-            raise ValueError(f"method.restart_warmup_steps={restart_warmup} and train.warmup_steps="
-                             f"{t['warmup_steps']} must be shorter than method.merge_every={merge_every} "
-                             "(and the restart warm-up at least 1 step: the LR climbs back from zero)")
+        if not t["warmup_steps"] < merge_every:
+            raise ValueError(f"train.warmup_steps={t['warmup_steps']} must be shorter than method.merge_every="
+                             f"{merge_every}: the first restart would come before the warm-up ends")
         scheduler = "jagged_cosine"
     return TrainSpec(**{**t, "eval_steps": steps, "weight_decay": float(t["weight_decay"]), "scheduler": scheduler,
-                        "min_lr_ratio": min_ratio, "restart_warmup_steps": restart_warmup if scheduler == "jagged_cosine" else 0})
+                        "min_lr_ratio": min_ratio})
 
 
 def _task_spec(cfg: DictConfig) -> TaskSpec:
     return task_spec(OmegaConf.to_container(cfg.task, resolve=True))
 
 
-# method fields that configure the training loop rather than the adapter layers
-LOOP_FIELDS = ("merge_every", "group_switch", "jagged_schedule", "restart_warmup_steps")
-
-
 def _adapter_config(cfg: DictConfig, rank: RankMapping) -> AdapterConfig:
     m = OmegaConf.to_container(cfg.method, resolve=True)
     fields = set(AdapterConfig.__dataclass_fields__) - {"method", "rank", "extra"}
-    known = fields | {"name", *LOOP_FIELDS}
+    known = fields | {"name", *RESTART_FIELDS}
     unknown = sorted(set(m) - known)
     if unknown:
         raise ValueError(f"method has unknown fields {unknown}; allowed: {sorted(known)}")
@@ -243,19 +233,15 @@ def build_run_config(cfg: DictConfig, cuda_available: bool) -> RunConfig:
                          "use scale=mini on a CPU machine")
     rank = map_rank(cfg.rank, model.hidden_size, cfg.rank_mapping.reference_width)
     adapter = _adapter_config(cfg, rank)
-    merge_every, group_switch, jagged, restart_warmup = _method_restarts(
-        OmegaConf.to_container(cfg.method, resolve=True))
-    if group_switch != "none" and (adapter.layer_kind != "mora" or adapter.operator != "share"):
-        raise ValueError(f"method.group_switch={group_switch!r} switches MoRA's sharing groups (Eq. 6); "
-                         f"method={adapter.method!r} with operator={adapter.operator!r} has none "
-                         "(use method.group_switch=none or method.operator=share)")
+    restarts = _restart_config(cfg)
+    check_restarts(restarts, adapter)
     data_root = Path(cfg.data_root) if cfg.data_root else DEFAULT_DATA_ROOT
     lr = _learning_rate(cfg, adapter.method)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.out_root) / default_run_name(cfg, adapter, lr)
-    train, task = _train_spec(cfg, merge_every, jagged, restart_warmup), _task_spec(cfg)
+    train, task = _train_spec(cfg, restarts), _task_spec(cfg)
     task.check_train(train.batch_size)
     return RunConfig(seed=cfg.seed, scale=cfg.scale.name, rank=rank, lr=lr,
                      resume=bool(cfg.resume), device=device, out_dir=out_dir, data_root=data_root,
-                     model=model, adapter=adapter, merge_every=merge_every, group_switch=group_switch,
+                     model=model, adapter=adapter, restarts=restarts,
                      task=task, train=train, logger=OmegaConf.to_container(cfg.logger, resolve=True),
                      singular_values=bool(cfg.get("singular_values", False)))

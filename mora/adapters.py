@@ -1,27 +1,13 @@
 """Put MoRA or one of the paper's baselines into any PyTorch / transformers model.
 
-Who implements what (Section 5.2.2's methods, all at the same rank budget):
-
-=========  ====================================================================================
-fft        no adapter; every parameter trains.
-lora       peft ``LoraConfig`` layers (scaling α/r), injected in place.
-dora       peft ``LoraConfig(use_dora=True)``.
-loraplus   peft LoRA layers + ``peft.optimizers.create_loraplus_optimizer`` (η_B = λ·η_A).
-asylora    peft LoRA layers; A re-drawn as r orthonormal rows of a random matrix and frozen, B zero
-           and trained (Zhu et al. 2024). The MoRA authors' released code left A trainable.
-relora     peft LoRA layers + :func:`merge_and_reinit` here (W += sBA, A Kaiming, B zero).
-mora       :class:`mora.layer.MoRALinear` (peft has no MoRA and cannot register an outside tuner).
-remora     MoRA + :func:`merge_and_reinit` with a switch of the sharing groups (Appendix B).
-=========  ====================================================================================
-
-The schedule of merges and optimizer resets (ReLoRA/ReMoRA) belongs to the training loop; this
-module provides the layer-level operation.
+What each method is (its layer kind, initialisation, optimizer, restarts) is looked up in the
+registry, :mod:`mora.methods`; this module injects, merges, saves and loads by it. ReLoRA/ReMoRA's
+merge-and-reinit, group switch and optimizer reset live in :mod:`mora.restarts`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,25 +17,24 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .budget import ROUNDINGS, lora_parameter_count
-from .layer import MoRAAdapter, MoRALinear
+from .budget import ROUNDINGS
+from .layer import MoRAAdapter, MoRALinear, register_base_weight_flag
+from .methods import METHOD_LAYERS, METHODS, PEFT_ADAPTER
 from .operators import GROUP_KINDS, OPERATORS, PADDINGS
+from .validation import check_choice, check_float, check_int
 
-# method -> the kind of layer it injects (None: full fine-tuning)
-METHOD_LAYERS = {"fft": None, "lora": "lora", "dora": "lora", "loraplus": "lora",
-                 "asylora": "lora", "relora": "lora", "mora": "mora", "remora": "mora"}
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
-_PEFT_ADAPTER = "default"
 
 
 @dataclass
 class AdapterConfig:
     """What to inject where. ``rank`` is a LoRA parameter budget (Section 4).
 
-    ``alpha`` is LoRA's α (scaling α/r; Table 5 uses 16 at r=8 and 128 at r=256), ``None`` = 2r.
-    MoRA has no α. ``trainable_modules`` are name suffixes of modules left trainable besides the
-    adapters (e.g. ``embed_tokens``, ``norm`` — which matches every *norm module — ``lm_head``).
+    ``method`` is a name in the registry :data:`mora.methods.METHODS`. ``alpha`` is LoRA's α
+    (scaling α/r; Table 5 uses 16 at r=8 and 128 at r=256), ``None`` = 2r. MoRA has no α.
+    ``trainable_modules`` are name suffixes of modules left trainable besides the adapters (e.g.
+    ``embed_tokens``, ``norm`` — which matches every *norm module — ``lm_head``).
     """
 
     method: str = "mora"
@@ -69,19 +54,13 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
         self.trainable_modules = tuple(self.trainable_modules)
-        choices = {"method": (self.method, tuple(METHOD_LAYERS)), "operator": (self.operator, OPERATORS),
-                   "compress_groups": (self.compress_groups, GROUP_KINDS),
-                   "decompress_groups": (self.decompress_groups, GROUP_KINDS),
-                   "padding": (self.padding, PADDINGS), "rounding": (self.rounding, ROUNDINGS)}
-        for name, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {name}={value!r}")
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
-            raise ValueError(f"rank must be a positive integer, got rank={self.rank!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got dropout={self.dropout}")
-        if self.loraplus_ratio < 1.0:
-            raise ValueError(f"loraplus_ratio (λ = η_B/η_A) must be ≥ 1, got {self.loraplus_ratio}")
+        check_choice("method", self.method, METHODS)
+        for name, allowed in (("operator", OPERATORS), ("compress_groups", GROUP_KINDS),
+                              ("decompress_groups", GROUP_KINDS), ("padding", PADDINGS), ("rounding", ROUNDINGS)):
+            check_choice(name, getattr(self, name), allowed)
+        check_int("rank", self.rank)
+        check_float("dropout", self.dropout, 0.0, 1.0, high_open=True)
+        check_float("loraplus_ratio", self.loraplus_ratio, 1.0)  # λ = η_B/η_A
         if self.layer_kind is not None and not self.target_modules:
             raise ValueError(f"target_modules must name at least one module for method={self.method!r}")
 
@@ -128,15 +107,16 @@ def _set_extra_trainable(model: nn.Module, patterns: tuple[str, ...]) -> None:
 
 def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
     """Inject the adapters of ``config.method`` in place, freeze the rest; returns ``model``."""
-    if config.layer_kind is None:
+    method = METHODS[config.method]
+    if method.layer_kind is None:
         model.requires_grad_(True)
         return model
     targets = find_target_linears(model, config.target_modules)
     model.requires_grad_(False)
-    if config.layer_kind == "mora":
-        _inject_mora(model, targets, config)
-    else:
-        _inject_lora(model, targets, config)
+    _INJECT[method.layer_kind](model, targets, config)
+    if method.init_layer is not None:
+        for layer in adapter_layers(model).values():
+            method.init_layer(layer)
     _set_extra_trainable(model, config.trainable_modules)
     return model
 
@@ -156,25 +136,15 @@ def _inject_mora(model: nn.Module, targets: list[str], config: AdapterConfig) ->
 
 def _inject_lora(model: nn.Module, targets: list[str], config: AdapterConfig) -> None:
     peft_config = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=config.dropout,
-                             target_modules=targets, use_dora=config.method == "dora")
+                             target_modules=targets, **METHODS[config.method].lora_options)
     inject_adapter_in_model(peft_config, model)
     if hasattr(model, "peft_config"):  # keep the model a plain transformers model
         del model.peft_config
-    if config.method == "asylora":
-        for layer in lora_layers(model).values():
-            _asylora_init(layer)
+    for layer in lora_layers(model).values():  # MoRALinear registers its own
+        register_base_weight_flag(layer, layer.get_base_layer().weight.device)
 
 
-@torch.no_grad()
-def _asylora_init(layer: LoraLayer) -> None:
-    """A ← r orthonormal rows (right-singular vectors of a Gaussian r×k matrix), frozen; B = 0."""
-    A = layer.lora_A[_PEFT_ADAPTER].weight  # (r, k)
-    if A.shape[0] > A.shape[1]:
-        raise ValueError(f"asylora needs rank ≤ in_features, got rank={A.shape[0]} > {A.shape[1]}")
-    gaussian = torch.randn(A.shape, device=A.device, dtype=torch.float32)
-    A.copy_(torch.linalg.svd(gaussian, full_matrices=False).Vh.to(A.dtype))
-    A.requires_grad_(False)
-    layer.lora_B[_PEFT_ADAPTER].weight.zero_()
+_INJECT = {"lora": _inject_lora, "mora": _inject_mora}
 
 
 # ----------------------------------------------------------------------------- layer access
@@ -192,6 +162,11 @@ def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {**mora_layers(model), **lora_layers(model)}
 
 
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The adapters' own parameters (M; A, B, DoRA's magnitude), frozen ones too; not base weights."""
+    return [p for layer in adapter_layers(model).values() for p in _own_parameters(layer)]
+
+
 def adapter_summary(model: nn.Module) -> list[dict]:
     """One row per adapted module: shape, r or r̂, trainable parameters, LoRA's at that rank."""
     rows = []
@@ -200,13 +175,13 @@ def adapter_summary(model: nn.Module) -> list[dict]:
         if isinstance(layer, MoRALinear):
             row = dict(kind="mora", r_hat=layer.mora.r_hat, params=layer.mora.M.numel())
         else:
-            r = layer.r[_PEFT_ADAPTER]
-            row = dict(kind="lora", r=r, params=sum(p.numel() for p in _peft_adapter_params(layer)))
+            r = layer.r[PEFT_ADAPTER]
+            row = dict(kind="lora", r=r, params=sum(p.numel() for p in _own_parameters(layer)))
         rows.append(dict(name=name, in_features=k, out_features=d, **row))
     return rows
 
 
-def _peft_adapter_params(layer: LoraLayer) -> list[nn.Parameter]:
+def _own_parameters(layer: nn.Module) -> list[nn.Parameter]:
     return [p for n, p in layer.named_parameters() if not n.startswith("base_layer.")]
 
 
@@ -228,34 +203,6 @@ def merge_adapters(model: nn.Module) -> None:
 def unmerge_adapters(model: nn.Module) -> None:
     for layer in adapter_layers(model).values():
         layer.unmerge()
-
-
-@torch.no_grad()
-def merge_and_reinit(model: nn.Module, groups: tuple[str, str] | None = None) -> None:
-    """ReLoRA / ReMoRA restart at layer level (Lialin et al. 2023; Appendix B).
-
-    LoRA layers: W ← W + (α/r)·BA, then A ← Kaiming-uniform(a=√5), B ← 0 (same Parameter objects,
-    so the optimizer keeps them). MoRA layers: W ← W + ΔW, M ← 0, and ``groups`` =
-    (compress_groups, decompress_groups) sets a new sharing layout (None keeps it).
-    """
-    for layer in adapter_layers(model).values():
-        if isinstance(layer, MoRALinear):
-            layer.merge_and_reinit(groups)
-        else:
-            _lora_merge_and_reinit(layer)
-        layer.base_weight_modified = True  # the merged updates now live in W0: save it too
-
-
-def _lora_merge_and_reinit(layer: LoraLayer) -> None:
-    if layer.use_dora.get(_PEFT_ADAPTER, False):
-        raise ValueError("merge_and_reinit is defined for LoRA (ReLoRA), not for DoRA layers")
-    delta = layer.get_delta_weight(_PEFT_ADAPTER)
-    if not torch.isfinite(delta).all():
-        raise FloatingPointError("LoRA ΔW holds NaN/inf; refusing to write it into the base weight")
-    weight = layer.get_base_layer().weight
-    weight.add_(delta.to(weight.dtype))
-    nn.init.kaiming_uniform_(layer.lora_A[_PEFT_ADAPTER].weight, a=math.sqrt(5))
-    nn.init.zeros_(layer.lora_B[_PEFT_ADAPTER].weight)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
@@ -281,13 +228,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 def build_optimizer(model: nn.Module, config: AdapterConfig, lr: float, weight_decay: float = 0.0,
                     optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW, **kwargs) -> torch.optim.Optimizer:
-    """The method's optimizer over trainable parameters; LoRA+ gives B the rate λ·lr (peft)."""
-    if config.method == "loraplus":
-        from peft.optimizers import create_loraplus_optimizer
-        return create_loraplus_optimizer(model, optimizer_cls, lr=lr, loraplus_lr_ratio=config.loraplus_ratio,
-                                         weight_decay=weight_decay, **kwargs)
-    params = [p for p in model.parameters() if p.requires_grad]
-    return optimizer_cls(params, lr=lr, weight_decay=weight_decay, **kwargs)
+    """The method's optimizer over the trainable parameters (LoRA+: B at λ·lr, via peft)."""
+    return METHODS[config.method].build_optimizer(model, config, optimizer_cls, lr, weight_decay, **kwargs)
 
 
 # ----------------------------------------------------------------------------- save / load
@@ -295,25 +237,29 @@ def build_optimizer(model: nn.Module, config: AdapterConfig, lr: float, weight_d
 def adapter_state_dict(model: nn.Module, config: AdapterConfig) -> dict[str, torch.Tensor]:
     """The tensors that, with the base model, reproduce the trained one.
 
-    Adapter parameters (frozen ones too, e.g. AsyLoRA's A), every other trainable parameter,
-    and the base weight of adapter layers into which merge_and_reinit has written updates.
-    FFT: the whole state dict, each tensor once: a tied alias (``lm_head.weight`` sharing the
+    The adapter layers' own state (parameters, frozen ones too such as AsyLoRA's A, and buffers:
+    MoRA's sharing groups, the ``base_weight_modified`` flag), every other trainable parameter,
+    and the base weights of layers whose flag says merge-and-reinit wrote updates into them.
+    FFT: the whole state dict. Each tensor once: a tied alias (``lm_head.weight`` sharing the
     embedding, as stories260K's does) is left out, since safetensors refuses shared tensors and
     loading the embedding restores it.
     """
+    params = dict(model.named_parameters())
+    unique = params | dict(model.named_buffers())  # aliases named once
+    state = {n: t.detach().contiguous() for n, t in model.state_dict().items() if n in unique}
     if config.layer_kind is None:
-        unique = dict(model.named_parameters()) | dict(model.named_buffers())  # aliases named once
-        return {n: t.detach().contiguous() for n, t in model.state_dict().items() if n in unique}
+        return state
     layers = adapter_layers(model)
     if any(getattr(l, "merged", False) for l in layers.values()):
         raise RuntimeError("unmerge adapters before saving them (merged ΔW lives in the base weights)")
+    modified = {n for n, l in layers.items() if l.base_weight_modified}
     keep = {}
-    for name, param in model.named_parameters():
+    for name, tensor in state.items():
         owner = next((n for n in layers if name.startswith(n + ".")), None)
         in_adapter = owner is not None and ".base_layer." not in name[len(owner):]
-        merged_base = owner is not None and getattr(layers[owner], "base_weight_modified", False)
-        if in_adapter or param.requires_grad or merged_base:
-            keep[name] = param.detach().contiguous()
+        trainable = name in params and params[name].requires_grad
+        if in_adapter or trainable or owner in modified:
+            keep[name] = tensor
     return keep
 
 
@@ -321,10 +267,7 @@ def save_adapter(model: nn.Module, directory: str | Path, config: AdapterConfig)
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    layouts = {n: [l.mora.layout.compress_groups, l.mora.layout.decompress_groups]
-               for n, l in mora_layers(model).items()}
-    meta = {"config": asdict(config), "mora_groups": layouts}
-    (directory / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
+    (directory / ADAPTER_CONFIG).write_text(json.dumps({"config": asdict(config)}, indent=2))
     save_file(adapter_state_dict(model, config), str(directory / ADAPTER_WEIGHTS))
     return directory
 
@@ -332,41 +275,25 @@ def save_adapter(model: nn.Module, directory: str | Path, config: AdapterConfig)
 def load_adapter(model: nn.Module, directory: str | Path) -> AdapterConfig:
     """Inject the adapters saved in ``directory`` into a fresh base ``model`` and load them."""
     directory = Path(directory)
-    meta = json.loads((directory / ADAPTER_CONFIG).read_text())
-    config = AdapterConfig(**meta["config"])
+    config = AdapterConfig(**json.loads((directory / ADAPTER_CONFIG).read_text())["config"])
     inject_adapters(model, config)
-    for name, (cg, dg) in meta.get("mora_groups", {}).items():
-        model.get_submodule(name).mora.set_groups(cg, dg)  # ReMoRA may have switched them
-    state = load_file(str(directory / ADAPTER_WEIGHTS))
-    load_adapter_state_dict(model, state)
-    for name, layer in adapter_layers(model).items():
-        if f"{name}.base_layer.weight" in state:  # saved after merge_and_reinit: keep saving it
-            layer.base_weight_modified = True
+    load_adapter_state_dict(model, load_file(str(directory / ADAPTER_WEIGHTS)))
     return config
 
 
 def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load adapter tensors; every key must exist in the model with the same shape.
 
-    A tied alias (``lm_head.weight`` of a model whose head shares the embedding) is accepted too:
-    FFT checkpoints written before :func:`adapter_state_dict` left aliases out still hold it.
+    Loads through ``model.load_state_dict``, so layers restore their own state from it (MoRA's
+    sharing groups rebuild its layout). A tied alias (``lm_head.weight`` of a model whose head
+    shares the embedding) is accepted too: FFT checkpoints written before
+    :func:`adapter_state_dict` left aliases out still hold it.
     """
     own = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
     unknown = [k for k in state if k not in own]
     if unknown:
         raise KeyError(f"adapter tensors not in the model (wrong base model or config?): {unknown[:5]}")
-    with torch.no_grad():
-        for key, tensor in state.items():
-            if own[key].shape != tensor.shape:
-                raise ValueError(f"{key}: saved shape {tuple(tensor.shape)} != model shape {tuple(own[key].shape)}")
-            own[key].copy_(tensor)
-
-
-def lora_budget(model: nn.Module, config: AdapterConfig) -> int:
-    """LoRA's trainable-parameter count at ``config.rank`` over the matched target modules."""
-    total = 0
-    for name in find_target_linears(model, config.target_modules):
-        m = model.get_submodule(name)
-        total += lora_parameter_count(m.in_features, m.out_features, config.rank)
-    return total
-
+    for key, tensor in state.items():
+        if own[key].shape != tensor.shape:
+            raise ValueError(f"{key}: saved shape {tuple(tensor.shape)} != model shape {tuple(own[key].shape)}")
+    model.load_state_dict(state, strict=False)  # the keys not saved keep the base model's values

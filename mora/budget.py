@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+from .validation import check_choice, check_int
+
 ROUNDINGS = ("nearest", "floor")
 
 
@@ -26,10 +28,8 @@ def mora_r_hat(in_features: int, out_features: int, rank: int, rounding: str = "
     ``rounding="nearest"`` follows the official code (default), ``"floor"`` the paper's formula,
     which never exceeds LoRA's count. ``even=True`` (needed by rotation) rounds r̂ down to even.
     """
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-        raise ValueError(f"rank must be a positive integer, got rank={rank!r}")
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding must be one of {ROUNDINGS}, got rounding={rounding!r}")
+    check_int("rank", rank)
+    check_choice("rounding", rounding, ROUNDINGS)
     budget = lora_parameter_count(in_features, out_features, rank)
     r_hat = math.isqrt(budget) if rounding == "floor" else int(math.sqrt(budget) + 0.5)
     if even:

@@ -4,17 +4,32 @@
 (Section 5.1: "we can directly initialize M with zeros"), and is pure math: no I/O, no model
 names. ``MoRALinear`` wraps a frozen ``nn.Linear`` and adds the adapter's output in place into
 the base output, so decompression never materialises a tiled copy.
+
+Both carry their own state in their ``state_dict``: the adapter its sharing groups (ReMoRA
+switches them, Appendix B), the linear whether its base weight holds merged updates. Saving and
+loading a state dict restores them; nothing outside the layer has to remember them.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from .budget import mora_r_hat
-from .operators import MoRALayout, add_mora_update, mora_delta_weight, rotation_tables
+from .operators import GROUP_KINDS, MoRALayout, add_mora_update, mora_delta_weight, rotation_tables
+
+
+def register_base_weight_flag(layer: nn.Module, device: torch.device) -> None:
+    """Give an adapter layer a persistent bool buffer ``base_weight_modified``, False.
+
+    True once merge-and-reinit wrote updates into the base weight (ReLoRA, ReMoRA): the base
+    weight is then trained state that must be saved. A buffer, so the flag saves and loads with
+    the layer's state dict.
+    """
+    layer.register_buffer("base_weight_modified", torch.tensor(False, device=device))
 
 
 class MoRAAdapter(nn.Module):
@@ -43,6 +58,10 @@ class MoRAAdapter(nn.Module):
             warnings.warn(f"r_hat={r_hat} exceeds min(d={out_features}, k={in_features}): "
                           "some rows or columns of M can never affect ΔW", stacklevel=2)
         self.M = nn.Parameter(torch.zeros(r_hat, r_hat))
+        # The sharing groups as indices into GROUP_KINDS, (compress, decompress): a persistent
+        # buffer that saves and loads with M. Forward reads ``self.layout``, a Python object
+        # rebuilt from it on load, so the forward never waits for the device.
+        self.register_buffer("groups", torch.tensor(self._group_indices(self.layout)))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # Rotation tables are non-persistent buffers (a function of r̂ alone, never saved) that
         # follow the module's device; _apply keeps them float32 whatever dtype the module takes.
@@ -84,11 +103,24 @@ class MoRAAdapter(nn.Module):
         """ΔW ∈ R^{d×k} such that forward(x) == x @ ΔWᵀ (Eq. 3), built without loops."""
         return mora_delta_weight(self.M, self.layout, self.cos, self.sin)
 
+    @staticmethod
+    def _group_indices(layout: MoRALayout) -> list[int]:
+        return [GROUP_KINDS.index(layout.compress_groups), GROUP_KINDS.index(layout.decompress_groups)]
+
     def set_groups(self, compress_groups: str, decompress_groups: str) -> None:
         """Change the sharing layout (ReMoRA switches it after each merge, Appendix B)."""
-        lay = self.layout
-        self.layout = MoRALayout(lay.in_features, lay.out_features, lay.r_hat, lay.operator,
-                                 compress_groups, decompress_groups, lay.padding)
+        self.layout = replace(self.layout, compress_groups=compress_groups, decompress_groups=decompress_groups)
+        self.groups.copy_(torch.tensor(self._group_indices(self.layout)))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Take the saved groups' layout (ReMoRA's after its last switch), then load the tensors."""
+        saved = state_dict.get(prefix + "groups")
+        if saved is not None and saved.shape == self.groups.shape:  # a wrong shape: the base class reports it
+            indices = saved.tolist()
+            if not all(0 <= i < len(GROUP_KINDS) for i in indices):
+                raise ValueError(f"{prefix}groups: saved group indices {indices} are not indices into {GROUP_KINDS}")
+            self.set_groups(*(GROUP_KINDS[i] for i in indices))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.M)
@@ -113,6 +145,7 @@ class MoRALinear(nn.Module):
         self.base_layer = base_layer
         self.mora = adapter
         self.merged = False
+        register_base_weight_flag(self, base_layer.weight.device)
 
     @property
     def in_features(self) -> int:
@@ -155,6 +188,7 @@ class MoRALinear(nn.Module):
         accumulated ΔW cannot grow, which is why ReMoRA switches them.
         """
         self.merge()
+        self.base_weight_modified.fill_(True)
         self.mora.reset_parameters()
         if groups is not None:
             self.mora.set_groups(*groups)

@@ -35,9 +35,11 @@ Everything here is a pure function of tensors; shapes are documented as (..., fe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
+
+from .validation import check_choice, check_int
 
 OPERATORS = ("truncate", "share", "decouple", "rotate")
 GROUP_KINDS = ("cyclic", "block")
@@ -53,11 +55,6 @@ OFFICIAL_MORA_TYPES = {
 }
 
 
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {name}={value!r}")
-
-
 @dataclass(frozen=True)
 class MoRALayout:
     """Shapes and named operator choices of one MoRA adapter (validated on construction)."""
@@ -71,13 +68,12 @@ class MoRALayout:
     padding: str = "wrap"
 
     def __post_init__(self) -> None:
-        _check_choice("operator", self.operator, OPERATORS)
-        _check_choice("compress_groups", self.compress_groups, GROUP_KINDS)
-        _check_choice("decompress_groups", self.decompress_groups, GROUP_KINDS)
-        _check_choice("padding", self.padding, PADDINGS)
+        check_choice("operator", self.operator, OPERATORS)
+        check_choice("compress_groups", self.compress_groups, GROUP_KINDS)
+        check_choice("decompress_groups", self.decompress_groups, GROUP_KINDS)
+        check_choice("padding", self.padding, PADDINGS)
         for name in ("in_features", "out_features", "r_hat"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {name}={getattr(self, name)}")
+            check_int(name, getattr(self, name))
         if self.operator == "rotate" and self.r_hat % 2:
             raise ValueError(f"operator='rotate' rotates coordinate pairs and needs an even r_hat, "
                              f"got r_hat={self.r_hat}")
@@ -91,39 +87,6 @@ class MoRALayout:
     def n_used_blocks(self) -> int:
         """Blocks whose outputs reach one of the d outputs; the rest cannot affect ΔW."""
         return min(self.n_blocks, math.ceil(self.out_features / self.r_hat))
-
-    def switched(self, switch: str = "pair") -> "MoRALayout":
-        """The layout ReMoRA uses after a merge: groups moved on by :func:`next_groups`.
-
-        The default ``pair`` swaps cyclic ↔ block on both sides (Appendix B's type 0 ↔ 1).
-        """
-        compress, decompress = next_groups((self.compress_groups, self.decompress_groups), switch)
-        return replace(self, compress_groups=compress, decompress_groups=decompress)
-
-
-# ReMoRA's group switch after each merge (Section 5.3, Appendix B). Merging ΔW = f_decomp(f_comp(M))
-# with the same groups g, g' keeps rank(Σ ΔW) ≤ r̂ (every ΔW lives in the same r̂-dimensional row
-# and column spaces), so the groups must change:
-#   none    keep them (MoRA merged like ReLoRA: the accumulated rank cannot grow);
-#   pair    cyclic ↔ block on both sides, the paper's type 0 ↔ 1 (official {1↔2});
-#   cycle4  the official train.py default (remora_types=4): mora_type 1→2→3→4→1 over
-#           (compress, decompress) = cyclic/cyclic → block/block → block/cyclic → cyclic/block.
-GROUP_SWITCHES = ("none", "pair", "cycle4")
-CYCLE4_ORDER = tuple(OFFICIAL_MORA_TYPES[t][1:] for t in (1, 2, 3, 4))
-
-
-def next_groups(groups: tuple[str, str], switch: str) -> tuple[str, str]:
-    """(compress_groups, decompress_groups) after one merge under ``switch`` (GROUP_SWITCHES)."""
-    _check_choice("group_switch", switch, GROUP_SWITCHES)
-    for kind in groups:
-        _check_choice("groups", kind, GROUP_KINDS)
-    groups = tuple(groups)
-    if switch == "none":
-        return groups
-    if switch == "pair":
-        swap = {"cyclic": "block", "block": "cyclic"}
-        return swap[groups[0]], swap[groups[1]]
-    return CYCLE4_ORDER[(CYCLE4_ORDER.index(groups) + 1) % len(CYCLE4_ORDER)]
 
 
 # ----------------------------------------------------------------------------- padding

@@ -1,6 +1,9 @@
-"""Every method through the same injection path on a tiny random LlamaForCausalLM."""
+"""Every method through the same injection path on a tiny random LlamaForCausalLM; the method
+registry (a toy method registered, injected, trained, saved and loaded); the state layers carry in
+their state dict (MoRA's sharing groups, the base-weight-modified flag)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -9,14 +12,17 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mora.adapters import (
-    METHOD_LAYERS, AdapterConfig, adapter_layers, adapter_state_dict, adapter_summary, build_optimizer,
-    inject_adapters, load_adapter, load_adapter_state_dict, lora_layers, merge_adapters, merge_and_reinit,
-    merge_and_unload, mora_layers, save_adapter, trainable_parameter_count, unmerge_adapters,
+    AdapterConfig, adapter_layers, adapter_state_dict, adapter_summary, build_optimizer, inject_adapters,
+    load_adapter, load_adapter_state_dict, lora_layers, merge_adapters, merge_and_unload, mora_layers,
+    save_adapter, trainable_parameter_count, unmerge_adapters,
 )
 from mora.convert import convert_official_state_dict, load_official_adapter
+from mora.layer import MoRAAdapter, MoRALinear
+from mora.methods import METHOD_LAYERS, METHODS, PEFT_ADAPTER, Method, get_method, register_method
+from mora.restarts import merge_and_reinit
 
 # each method once, MoRA with each operator (the paper uses rotate at r=8, share at r=256)
-CASES = [dict(method=m) for m in METHOD_LAYERS if m != "mora"] + [
+CASES = [dict(method=m) for m in METHODS if m != "mora"] + [
     dict(method="mora", operator=op) for op in ("truncate", "share", "decouple", "rotate")]
 IDS = [c["method"] + ("-" + c["operator"] if "operator" in c else "") for c in CASES]
 
@@ -176,16 +182,137 @@ def test_relora_merge_and_reinit_keeps_function_and_resets_factors():
         assert layer.lora_A["default"].weight.abs().sum() > 0  # Kaiming, not zero (ReLoRA issue #18)
 
 
-def test_relora_saves_merged_base_weights(tmp_path):
+def test_remora_saves_merged_base_weights_and_switched_groups(tmp_path):
     model, config = make(dict(method="remora", operator="share"))
     perturb_adapters(model)
     merge_and_reinit(model, groups=("block", "block"))
     perturb_adapters(model, seed=2)
     save_adapter(model, tmp_path, config)
+    assert json.loads((tmp_path / "adapter_config.json").read_text()).keys() == {"config"}  # no side tables
     fresh = tiny_llama()
     load_adapter(fresh, tmp_path)
     assert all(l.mora.layout.compress_groups == "block" for l in mora_layers(fresh).values())
     torch.testing.assert_close(fresh(tokens()).logits, model(tokens()).logits)
+
+
+# ------------------------------------------------------------------ state the layers carry
+
+
+@pytest.mark.parametrize("method", ["relora", "remora"])
+def test_restarted_layers_restore_from_their_state_dict(method):
+    """After a restart (ReMoRA: with a switch of groups) the state dict alone restores the switched
+    layout and the flag that the base weight holds merged updates: a fresh model loads it and gives
+    identical outputs, and saves the merged base weights again."""
+    case = dict(method=method, operator="share")
+    model, config = make(case)
+    perturb_adapters(model)
+    merge_and_reinit(model, ("block", "block") if method == "remora" else None)
+    perturb_adapters(model, seed=2)
+    state = adapter_state_dict(model, config)
+    assert all(state[f"{n}.base_weight_modified"] for n in adapter_layers(model))
+    assert any(".base_layer.weight" in k for k in state)  # W0 holds trained updates now
+
+    fresh, _ = make(case)  # cyclic groups, flags down, the untouched W0
+    assert not any(layer.base_weight_modified for layer in adapter_layers(fresh).values())
+    load_adapter_state_dict(fresh, state)
+
+    assert all(layer.base_weight_modified for layer in adapter_layers(fresh).values())
+    groups = {(l.mora.layout.compress_groups, l.mora.layout.decompress_groups) for l in mora_layers(fresh).values()}
+    assert groups == ({("block", "block")} if method == "remora" else set())
+    torch.testing.assert_close(fresh(tokens()).logits, model(tokens()).logits, rtol=0, atol=0)
+    assert adapter_state_dict(fresh, config).keys() == state.keys()
+
+
+def test_mora_adapter_keeps_its_groups_in_its_state_dict():
+    adapter = MoRAAdapter(40, 24, 6, "share")
+    with torch.no_grad():
+        adapter.M.normal_()
+    adapter.set_groups("block", "cyclic")
+    state = adapter.state_dict()
+    assert state["groups"].tolist() == [1, 0]  # indices into GROUP_KINDS = (cyclic, block)
+    fresh = MoRAAdapter(40, 24, 6, "share")
+    fresh.load_state_dict(state)
+    assert (fresh.layout.compress_groups, fresh.layout.decompress_groups) == ("block", "cyclic")
+    torch.testing.assert_close(fresh.delta_weight(), adapter.delta_weight(), rtol=0, atol=0)
+    x = torch.randn(3, 40)
+    torch.testing.assert_close(fresh(x), adapter(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="groups"):
+        fresh.load_state_dict({**state, "groups": torch.tensor([0, 2])})
+
+
+def test_base_weight_flag_is_layer_state():
+    layer = MoRALinear(nn.Linear(16, 8, bias=False), MoRAAdapter(16, 8, 4, "share"))
+    assert "base_weight_modified" in layer.state_dict() and not layer.base_weight_modified
+    layer.merge()
+    layer.unmerge()
+    assert not layer.base_weight_modified  # an inference merge leaves W0 as it was
+    layer.merge_and_reinit()
+    assert layer.base_weight_modified
+    fresh = MoRALinear(nn.Linear(16, 8, bias=False), MoRAAdapter(16, 8, 4, "share"))
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.base_weight_modified
+
+
+# ------------------------------------------------------------------ the method registry
+
+
+@torch.no_grad()
+def _toy_init(layer):
+    layer.lora_B[PEFT_ADAPTER].weight.fill_(0.01)
+
+
+def _toy_optimizer(model, config, optimizer_cls, lr, weight_decay, **kwargs):
+    """A at half B's rate: two parameter groups."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    a = [p for n, p in trainable if ".lora_A." in n]
+    rest = [p for n, p in trainable if ".lora_A." not in n]
+    return optimizer_cls([{"params": a, "lr": lr / 2}, {"params": rest}], lr=lr, weight_decay=weight_decay, **kwargs)
+
+
+@pytest.fixture
+def toy_method():
+    """A LoRA-family method registered for one test: rsLoRA's α/√r scaling through peft's options,
+    B started at 0.01 instead of zero, A trained at half B's learning rate."""
+    method = register_method(Method("toy", layer_kind="lora", lora_options={"use_rslora": True},
+                                    init_layer=_toy_init, build_optimizer=_toy_optimizer))
+    yield method
+    del METHODS["toy"]
+
+
+def test_a_registered_method_injects_trains_saves_and_loads(toy_method, tmp_path):
+    assert get_method("toy") is toy_method and METHOD_LAYERS["toy"] == "lora"
+    model, config = make(dict(method="toy"), trainable_modules=("norm",))
+    layers = lora_layers(model)
+    assert len(layers) == 2 * 7
+    for layer in layers.values():
+        assert layer.scaling[PEFT_ADAPTER] == pytest.approx(config.lora_alpha / math.sqrt(config.rank))
+        assert (layer.lora_B[PEFT_ADAPTER].weight == 0.01).all()
+    optimizer = build_optimizer(model, config, lr=1e-2)
+    assert [g["lr"] for g in optimizer.param_groups] == [5e-3, 1e-2]
+
+    ids = tokens(3)
+    factors = {n: p.clone() for n, p in model.named_parameters() if ".lora_" in n}
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert all(not torch.equal(p, factors[n]) for n, p in model.named_parameters() if n in factors)
+
+    save_adapter(model, tmp_path, config)
+    fresh = tiny_llama()
+    assert load_adapter(fresh, tmp_path).method == "toy"
+    torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_the_registry_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="already registered"):
+        register_method(Method("lora", layer_kind="lora"))
+    with pytest.raises(ValueError, match=r"method must be one of \(.*'remora'\), got method='qlora'"):
+        get_method("qlora")
+    with pytest.raises(ValueError, match="layer_kind"):
+        Method("ia3", layer_kind="ia3")
+    with pytest.raises(ValueError, match="lora_options"):
+        Method("moradora", layer_kind="mora", lora_options={"use_dora": True})
+    with pytest.raises(ValueError, match="no layer"):
+        Method("refft", layer_kind=None, restarts=True)
 
 
 def test_asylora_a_is_orthonormal_and_frozen():
@@ -221,8 +348,6 @@ def _train_single_linear(layer, target, steps=60):
 @pytest.mark.parametrize("switch,expect_growth", [(True, True), (False, False)])
 def test_remora_layout_switch_raises_rank_beyond_r_hat(switch, expect_growth):
     """Appendix B: merging with the same groups keeps rank(ΔW) ≤ r̂; switching them lets it grow."""
-    from mora.layer import MoRAAdapter, MoRALinear
-
     torch.manual_seed(0)
     base = nn.Linear(64, 64, bias=False).double().requires_grad_(False)
     layer = MoRALinear(base, MoRAAdapter(64, 64, 8, "share").double())

@@ -14,7 +14,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.errors import HydraException
 
-from experiments.schema import build_run_config
+from experiments.schema import RESTART_FIELDS, build_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -91,11 +91,12 @@ def test_pretraining_paper_preset_is_section_5_3(method):
     if method != "fft":  # embeddings, norms and lm_head train in every arm (ReLoRA's setting)
         assert set(run.adapter.trainable_modules) == {"embed_tokens", "norm", "lm_head"}
     if method in ("relora", "remora"):  # merge every 2K steps, 50-step restart warm-up, jagged schedule
-        assert (run.merge_every, run.train.restart_warmup_steps, run.train.scheduler) == (2000, 50, "jagged_cosine")
+        assert (run.restarts.merge_every, run.restarts.restart_warmup_steps, run.train.scheduler) == (
+            2000, 50, "jagged_cosine")
         assert run.train.min_lr_ratio == 0.1
     else:
-        assert run.merge_every is None and run.train.scheduler == "cosine"
-    assert run.group_switch == ("pair" if method == "remora" else "none")
+        assert run.restarts.merge_every is None and run.train.scheduler == "cosine"
+    assert run.restarts.group_switch == ("pair" if method == "remora" else "none")
     if method == "mora":
         assert run.adapter.operator == "share"  # Eq. 6
 
@@ -113,15 +114,17 @@ def test_pretraining_mini_preset_keeps_the_paper_ratios(method):
     assert run.rank.paper_rank == 128 and run.rank.reference_width == 768 and run.rank.representable
     assert abs(run.rank.rank / run.model.hidden_size - 128 / 768) < 0.01
     if method in ("relora", "remora"):
-        assert run.train.max_steps // run.merge_every == 5  # 10K steps / 2K as in the paper
+        assert run.train.max_steps // run.restarts.merge_every == 5  # 10K steps / 2K as in the paper
         assert run.train.scheduler == "jagged_cosine"
 
 
 @pytest.mark.parametrize("override, field", [
-    ("restart.every=7", "merge_every"),              # does not divide max_steps under the jagged schedule
+    ("method.merge_every=7", "method.merge_every"),  # does not divide max_steps under the jagged schedule
+    ("restart.every=7", "method.merge_every"),       # the preset's restart block, read by relora and remora
     ("method.group_switch=triple", "method.group_switch"),
     ("train.min_lr_ratio=1.5", "train.min_lr_ratio"),
-    ("restart.warmup_steps=-1", "method.restart_warmup_steps"),
+    ("method.restart_warmup_steps=-1", "method.restart_warmup_steps"),
+    ("train.warmup_steps=400", "train.warmup_steps"),  # the first restart would come before it ends
 ])
 def test_bad_restart_settings_name_the_field(override, field):
     with pytest.raises(ValueError, match=field):
@@ -136,8 +139,32 @@ def test_group_switch_needs_mora_sharing(overrides):
 
 
 def test_jagged_restart_needs_a_warm_up():
-    with pytest.raises(ValueError, match="restart_warmup_steps"):
-        validate("experiment=pretrain_c4", "method=relora", "restart.warmup_steps=0")
+    with pytest.raises(ValueError, match="method.restart_warmup_steps"):
+        validate("experiment=pretrain_c4", "method=relora", "method.restart_warmup_steps=0")
+
+
+PRESETS = sorted(p.stem for p in (CONF / "preset").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_restart_settings_live_with_relora_and_remora(preset):
+    """Under every preset ReLoRA and ReMoRA restart on the same schedule; no other method has
+    restart settings (conf/method/*.yaml)."""
+    task, scale = preset.rsplit("_", 1)
+    restarts = {}
+    for method in METHODS:
+        node = compose(f"task={task}", f"scale={scale}", f"method={method}").method
+        restarts[method] = {k: node[k] for k in RESTART_FIELDS if k in node}
+    schedule = {k: restarts["relora"].pop(k) for k in ("merge_every", "restart_warmup_steps", "jagged_schedule")}
+    assert {k: restarts["remora"].pop(k) for k in schedule} == schedule
+    assert schedule["merge_every"] > 0
+    assert restarts.pop("relora") == {"group_switch": "none"} and restarts.pop("remora") == {"group_switch": "pair"}
+    assert all(not fields for fields in restarts.values()), restarts
+
+
+def test_only_a_restarting_method_takes_restart_settings():
+    with pytest.raises(ValueError, match="method.merge_every=5: method='lora' does not merge"):
+        validate("method=lora", "+method.merge_every=5")
 
 
 def test_defaults_are_the_documented_command():

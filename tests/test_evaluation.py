@@ -302,15 +302,15 @@ def test_cli_evaluates_a_run_folder_and_its_saved_adapter(tmp_path):
     model, _, run, _ = load_run(run_dir, "cpu")
     assert any(layer.mora.M.abs().sum() > 0 for layer in adapter_layers(model).values())  # trained weights loaded
     save_adapter(model, tmp_path / "adapter", run.adapter)
-    from_adapter = main(["--adapter", str(tmp_path / "adapter"), "--model", "uuid_mini", *args[2:]])["metrics"]
+    from_adapter = main(["--adapter", str(tmp_path / "adapter"), "--model", "stories260k", *args[2:]])["metrics"]
     assert from_adapter == adapted
-    assert read_eval_results(tmp_path / "adapter")["evaluations"][0]["base_model"] == "uuid_mini"  # = stories260k
+    assert read_eval_results(tmp_path / "adapter")["evaluations"][0]["base_model"] == "stories260k"
 
 
 def test_cli_loads_a_full_finetuning_run(tmp_path):
     """FFT checkpoints hold every weight once: stories260K's lm_head is tied to the embedding."""
     from experiments.run import execute
-    from experiments.loop.training import CHECKPOINT
+    from experiments.loop.checkpoint import CHECKPOINT
     from tests.test_configs import compose
     from tests.test_run_smoke import TINY
 

@@ -19,7 +19,7 @@ import torch
 from experiments.evaluation.harness import read_eval_results
 from experiments.loop.records import find_runs
 from experiments.run import execute
-from experiments.loop.training import CHECKPOINT
+from experiments.loop.checkpoint import CHECKPOINT
 from tests.test_configs import compose
 
 METHODS = ("fft", "lora", "loraplus", "asylora", "relora", "dora", "mora")

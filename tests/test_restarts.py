@@ -1,12 +1,12 @@
 """ReLoRA/ReMoRA restarts on a tiny random LLaMA (Section 5.3, Appendix B; Lialin et al. 2023):
 the optimizer reset touches the adapters' state alone, the re-init, the rank growth that the group
-switch buys, the switching orders, merges where the jagged schedule is at 0, and a run resumed
-from a checkpoint between two merges that matches the uninterrupted one exactly."""
+switch buys, the switching orders, the one validation of restart settings, merges where the jagged
+schedule is at 0, and a run resumed from a checkpoint between two merges that matches the
+uninterrupted one exactly."""
 
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,9 +18,10 @@ import experiments.loop.training as training
 from experiments.loop.records import RunRecord, read_run
 from experiments.schema import TrainSpec
 from experiments.loop.trackers import NullTracker
-from experiments.loop.training import CHECKPOINT, _check_restarts, restart_adapters, train
+from experiments.loop.checkpoint import CHECKPOINT
+from experiments.loop.training import train
 from mora.adapters import AdapterConfig, build_optimizer, inject_adapters, lora_layers, mora_layers
-from mora.operators import CYCLE4_ORDER, MoRALayout, next_groups
+from mora.restarts import CYCLE4_ORDER, RestartConfig, check_restarts, next_groups, restart_adapters
 
 EXTRA = ("embed_tokens", "norm", "lm_head")  # trainable besides the adapters, as in ReLoRA
 VOCAB, SEQ = 64, 12
@@ -42,7 +43,7 @@ def ids(seed: int, batch: int = 4) -> torch.Tensor:
 
 
 def adapter_names(model) -> set[str]:
-    """Written from the adapters' names, independently of training._adapter_parameters."""
+    """Written from the adapters' names, independently of mora.adapters.adapter_parameters."""
     return {n for n, _ in model.named_parameters() if ".lora_A." in n or ".lora_B." in n or n.endswith(".mora.M")}
 
 
@@ -161,10 +162,6 @@ def test_switching_orders():
     assert walk(bc, "cycle4", 2) == [bc, cb]
     assert walk(cc, "pair") == [cc, bb, cc, bb, cc]  # Appendix B: type 0 ↔ 1
     assert walk(bb, "none", 3) == [bb, bb, bb]
-    layout = MoRALayout(32, 48, 11)
-    assert (layout.switched().compress_groups, layout.switched().decompress_groups) == bb
-    with pytest.raises(ValueError, match="group_switch"):
-        next_groups(cc, "swap")
 
 
 def test_restart_moves_every_layer_along_the_cycle():
@@ -177,17 +174,41 @@ def test_restart_moves_every_layer_along_the_cycle():
         assert layouts == {expected}
 
 
-@pytest.mark.parametrize("method,config,merge_every,switch,field", [
-    ("remora", {}, 4, "swap", "group_switch"),
-    ("remora", {}, None, "pair", "merge_every"),
-    ("remora", dict(operator="rotate"), 4, "pair", "operator='share'"),
-    ("relora", {}, 4, "cycle4", "operator='share'"),
-    ("fft", {}, 4, "none", "merge_every"),
+# ------------------------------------------------------------------ the one validation
+
+
+@pytest.mark.parametrize("settings,field", [
+    (dict(merge_every=0), "method.merge_every"),
+    (dict(merge_every=2.5), "method.merge_every"),
+    (dict(merge_every=4, group_switch="swap"), "method.group_switch"),
+    (dict(group_switch="pair"), "method.merge_every"),                 # a switch happens at a merge
+    (dict(jagged_schedule=True, restart_warmup_steps=2), "method.merge_every"),
+    (dict(merge_every=4, restart_warmup_steps=-1), "method.restart_warmup_steps"),
+    (dict(merge_every=4, jagged_schedule=True), "method.restart_warmup_steps"),  # nothing to climb from 0
+    (dict(merge_every=4, jagged_schedule=True, restart_warmup_steps=4), "method.restart_warmup_steps"),
+    (dict(merge_every=4, jagged_schedule="yes"), "method.jagged_schedule"),
 ])
-def test_restart_settings_that_cannot_work_are_refused(method, config, merge_every, switch, field):
-    model, _ = tiny(method, **config)
+def test_bad_restart_settings_name_the_field(settings, field):
     with pytest.raises(ValueError, match=field):
-        _check_restarts(model, merge_every, switch)
+        RestartConfig(**settings)
+
+
+def test_restart_settings_default_to_never():
+    never = RestartConfig()
+    assert not never.enabled and not any(never.restart_after(s, 10) for s in range(1, 11))
+    every4 = RestartConfig(merge_every=4, jagged_schedule=True, restart_warmup_steps=1)
+    assert [s for s in range(1, 13) if every4.restart_after(s, 12)] == [4, 8]  # none after the last step
+
+
+@pytest.mark.parametrize("method,config,settings,field", [
+    ("remora", dict(operator="rotate"), dict(merge_every=4, group_switch="pair"), "method.group_switch"),
+    ("relora", {}, dict(merge_every=4, group_switch="cycle4"), "method.group_switch"),
+    ("mora", {}, dict(merge_every=4), "method.merge_every"),       # mora does not restart: remora does
+    ("fft", {}, dict(merge_every=4), "method.merge_every"),
+])
+def test_restart_settings_the_adapters_cannot_carry_out_are_refused(method, config, settings, field):
+    with pytest.raises(ValueError, match=field):
+        check_restarts(RestartConfig(**settings), AdapterConfig(method=method, rank=2, **config))
 
 
 # ------------------------------------------------------------------ the loop: jagged LR, resume
@@ -217,21 +238,17 @@ class RandomTokens:
 MAX_STEPS, MERGE_EVERY = 12, 4
 
 
-def jagged_spec():
-    values = dict(max_steps=MAX_STEPS, batch_size=4, grad_accum=2, warmup_steps=1, scheduler="jagged_cosine",
-                  weight_decay=0.0, grad_clip=1.0, log_every=1, ckpt_every=3, eval_steps=(6,), dtype="float32",
-                  min_lr_ratio=0.1, restart_warmup_steps=2)
-    fields = TrainSpec.__dataclass_fields__
-    spec = TrainSpec(**{k: v for k, v in values.items() if k in fields})
-    # until experiments/schema.py's TrainSpec carries the jagged fields, pass them on a namespace
-    return spec if set(values) <= set(fields) else SimpleNamespace(**values)
+JAGGED_SPEC = TrainSpec(max_steps=MAX_STEPS, batch_size=4, grad_accum=2, warmup_steps=1, scheduler="jagged_cosine",
+                        weight_decay=0.0, grad_clip=1.0, log_every=1, ckpt_every=3, eval_steps=(6,), dtype="float32",
+                        min_lr_ratio=0.1)
+RESTARTS = RestartConfig(merge_every=MERGE_EVERY, group_switch="cycle4", jagged_schedule=True, restart_warmup_steps=2)
 
 
 def run(out_dir, task, resume=False) -> tuple[LlamaForCausalLM, dict]:
     model, adapter = tiny("remora")
     record = RunRecord.create(out_dir, {"test": "restarts"}, resume=resume)
-    final = train(model, task, adapter, jagged_spec(), 1e-2, record, NullTracker(), device="cpu",
-                  resume=resume, merge_every=MERGE_EVERY, group_switch="cycle4")
+    final = train(model, task, adapter, JAGGED_SPEC, 1e-2, record, NullTracker(), device="cpu",
+                  resume=resume, restarts=RESTARTS)
     return model, final
 
 
@@ -255,7 +272,8 @@ def test_resume_between_merges_continues_identically(tmp_path):
     with pytest.raises(KeyboardInterrupt):  # after the step-6 checkpoint, past the first merge
         run(tmp_path / "cut", RandomTokens(stop_at=7 * 2))
     saved = torch.load(tmp_path / "cut" / CHECKPOINT, map_location="cpu", weights_only=False)
-    assert saved["loop"]["step"] == 6 and set(saved["mora_groups"].values()) == {("block", "block")}
+    groups = {tuple(t.tolist()) for k, t in saved["weights"].items() if k.endswith(".mora.groups")}
+    assert saved["loop"]["step"] == 6 and groups == {(1, 1)}  # block/block, in the layers' own state
 
     resumed, resumed_final = run(tmp_path / "cut", RandomTokens(), resume=True)
 

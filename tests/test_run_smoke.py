@@ -21,8 +21,9 @@ import experiments.run as run_module
 from experiments.loop.records import find_runs, read_run
 from experiments.run import execute
 from experiments.evaluation.spectra import load_spectra
-from experiments.loop.training import CHECKPOINT, _adapter_parameters
+from experiments.loop.checkpoint import CHECKPOINT
 from experiments.tasks import build_task
+from mora.adapters import adapter_parameters
 from tests.test_configs import EXPERIMENTS, METHODS, REPO, compose
 
 TINY = ["train.max_steps=3", "train.batch_size=4", "task.n_pairs=8", "task.eval_pairs=4", "train.eval_steps=[3]",
@@ -33,6 +34,18 @@ RUNS = [[f"method={m}"] + (["method.merge_every=2"] if m in ("relora", "remora")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def base_weights_modified(weights: dict) -> bool:
+    """Whether the layers' flags in a checkpoint say a restart wrote updates into base weights."""
+    flags = [t.item() for k, t in weights.items() if k.endswith(".base_weight_modified")]
+    assert flags  # every adapter layer saves its flag
+    return all(flags)
+
+
+def mora_groups(weights: dict) -> list[list[int]]:
+    """The sharing groups MoRA layers saved in a checkpoint (indices into GROUP_KINDS)."""
+    return [t.tolist() for k, t in weights.items() if k.endswith(".mora.groups")]
 
 
 def metric_rows(run_dir: Path) -> list[dict]:
@@ -66,8 +79,8 @@ def test_three_step_run(overrides, tmp_path):
     assert run["config"]["method"].get("operator") == asked.get("method.operator", run["config"]["method"].get("operator"))
     ckpt = torch.load(run["dir"] / CHECKPOINT, map_location="cpu", weights_only=False)
     if "method.merge_every" in asked:  # the restart at step 2 merged ΔW into W (and ReMoRA switched groups)
-        assert ckpt["base_modified"]
-        assert all(groups == ("block", "block") for groups in ckpt["mora_groups"].values())
+        assert base_weights_modified(ckpt["weights"])
+        assert all(groups == [1, 1] for groups in mora_groups(ckpt["weights"]))  # block/block
 
 
 UUID_EXPERIMENTS = [e for e in EXPERIMENTS if compose(f"experiment={e}").task.name == "uuid"]
@@ -104,11 +117,12 @@ def test_four_step_pretraining_run(method, tmp_path):
     ckpt = torch.load(run["dir"] / CHECKPOINT, map_location="cpu", weights_only=False)
     if method in ("relora", "remora"):
         assert lrs[1] == 0.0  # logged after step 2: the rate of step 3, the jagged zero right after the merge
-        assert ckpt["base_modified"]
+        assert base_weights_modified(ckpt["weights"])
     else:
-        assert all(lr > 0 for lr in lrs) and not ckpt["base_modified"]
+        assert all(lr > 0 for lr in lrs)
+        assert not any(t.item() for k, t in ckpt["weights"].items() if k.endswith(".base_weight_modified"))
     if method == "remora":
-        assert set(ckpt["mora_groups"].values()) == {("block", "block")}
+        assert all(groups == [1, 1] for groups in mora_groups(ckpt["weights"]))  # block/block
     spectra = load_spectra(run["dir"] / "spectra.safetensors")
     assert len(spectra) == 2 * 7  # q, k, v, o, gate, up, down of both layers
     assert all(torch.isfinite(s).all() and (s >= 0).all() for s in spectra.values())
@@ -224,7 +238,7 @@ class PoisonAtStep:
         def poisoned(step, *rest):
             if step == self.step:
                 with torch.no_grad():
-                    for param in _adapter_parameters(self.model_box[0]):
+                    for param in adapter_parameters(self.model_box[0]):
                         param.fill_(float("nan"))
             return batch(step, *rest)
 

@@ -6,8 +6,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from experiments.evaluation.spectra import (FIG5_MODULE_TYPES, SPECTRA_FILE, count_above, delta_spectra,
                                  effective_linear_weights, load_spectra, normalise_name, save_spectra)
-from mora.adapters import (LLAMA_TARGETS, AdapterConfig, adapter_layers, inject_adapters, merge_adapters,
-                           merge_and_reinit)
+from mora.adapters import LLAMA_TARGETS, AdapterConfig, adapter_layers, inject_adapters, merge_adapters
+from mora.restarts import merge_and_reinit
 
 METHODS = ("fft", "lora", "relora", "mora", "remora", "dora", "asylora")
 RANK = 2

@@ -26,26 +26,22 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_scheduler
 
+from mora.validation import check_choice, check_float, check_int
+
 SCHEDULERS = ("linear", "cosine", "constant", "jagged_cosine")
 _HF_NAMES = {"linear": "linear", "constant": "constant_with_warmup"}
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {name}={value!r}")
 
 
 def check_schedule(*, max_steps: int, warmup_steps: int, min_lr_ratio: float,
                    restart_every: int | None = None, restart_warmup_steps: int = 0) -> None:
     """Raise ValueError naming the argument if the (jagged) cosine schedule is ill-defined."""
-    _check_int("max_steps", max_steps, 1)
-    _check_int("warmup_steps", warmup_steps, 0)
-    if not 0.0 <= min_lr_ratio <= 1.0:
-        raise ValueError(f"min_lr_ratio must lie in [0, 1], got min_lr_ratio={min_lr_ratio!r}")
+    check_int("max_steps", max_steps)
+    check_int("warmup_steps", warmup_steps, minimum=0)
+    check_float("min_lr_ratio", min_lr_ratio, 0.0, 1.0)
     if restart_every is None:
         return
-    _check_int("restart_every", restart_every, 1)
-    _check_int("restart_warmup_steps", restart_warmup_steps, 1)  # w = 0 would leave no zero to climb from
+    check_int("restart_every", restart_every)
+    check_int("restart_warmup_steps", restart_warmup_steps)  # w = 0 would leave no zero to climb from
     if max_steps % restart_every:
         raise ValueError(f"restart_every={restart_every} must divide max_steps={max_steps} "
                          "(ReLoRA: every cycle has the same length)")
@@ -92,8 +88,7 @@ def build_scheduler(optimizer: Optimizer, name: str, *, max_steps: int, warmup_s
     ``cosine`` is warm-up + cosine to ``min_lr_ratio`` (transformers' own when it is 0);
     ``jagged_cosine`` restarts every ``restart_every`` steps (None: no restarts, its envelope).
     """
-    if name not in SCHEDULERS:
-        raise ValueError(f"scheduler must be one of {SCHEDULERS}, got scheduler={name!r}")
+    check_choice("scheduler", name, SCHEDULERS)
     if name != "jagged_cosine" and restart_every is not None:
         raise ValueError(f"restart_every={restart_every} needs scheduler='jagged_cosine', got {name!r}")
     if name in _HF_NAMES:
