@@ -9,7 +9,7 @@ See README.md for which parts come from peft and which are written here.
 
 from .adapters import (
     LLAMA_TARGETS, AdapterConfig, adapter_layers, adapter_parameters, adapter_state_dict, adapter_summary,
-    build_optimizer, inject_adapters, load_adapter, load_adapter_state_dict, lora_layers, merge_adapters,
+    build_optimizer, effective_weight, inject_adapters, load_adapter, load_adapter_state_dict, lora_layers, merge_adapters,
     merge_and_unload, mora_layers, save_adapter, trainable_parameter_count, unmerge_adapters,
 )
 from .budget import lora_parameter_count, mora_r_hat
@@ -27,6 +27,7 @@ __all__ = [
     "METHOD_LAYERS", "Method", "MoRAAdapter", "MoRALayout", "MoRALinear", "OFFICIAL_MORA_TYPES", "OPERATORS",
     "PADDINGS", "RestartConfig", "adapter_config_from_official", "adapter_layers", "adapter_parameters",
     "adapter_state_dict", "adapter_summary", "build_optimizer", "check_restarts", "convert_official_state_dict",
+    "effective_weight",
     "get_method", "inject_adapters", "load_adapter", "load_adapter_state_dict", "load_official_adapter",
     "lora_layers", "lora_parameter_count", "merge_adapters", "merge_and_reinit", "merge_and_unload",
     "mora_delta_weight", "mora_layers", "mora_r_hat", "next_groups", "register_method",

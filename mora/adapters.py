@@ -185,6 +185,39 @@ def _own_parameters(layer: nn.Module) -> list[nn.Parameter]:
     return [p for n, p in layer.named_parameters() if not n.startswith("base_layer.")]
 
 
+@torch.no_grad()
+def effective_weight(layer: nn.Module) -> torch.Tensor:
+    """float32 copy of the (d, k) weight ``layer`` applies right now, pending adapters included.
+
+    MoRA: W0 + ΔW (Eq. 3), or W0 once ΔW is merged. peft LoRA-family layers: W0 plus every active,
+    unmerged adapter's (α/r)·BA, and for DoRA the row-wise rescaling W' = m ⊙ (W + ΔW) / ‖W + ΔW‖_row
+    its forward applies (Liu et al. 2024). A plain ``nn.Linear``: its weight. The spectra of Fig. 5
+    compare this before and after training, whatever has been merged so far.
+    """
+    if isinstance(layer, MoRALinear):
+        weight = layer.base_layer.weight.float()
+        return weight.clone() if layer.merged else weight + layer.mora.delta_weight().float()
+    if isinstance(layer, LoraLayer):
+        return _lora_effective_weight(layer)
+    if isinstance(layer, nn.Linear):
+        return layer.weight.float().clone()
+    raise TypeError(f"effective_weight takes an adapter layer or an nn.Linear, got {type(layer).__name__}")
+
+
+def _lora_effective_weight(layer: LoraLayer) -> torch.Tensor:
+    weight = layer.get_base_layer().weight.float().clone()  # (d, k)
+    if layer.disable_adapters:
+        return weight
+    for name in layer.active_adapters:
+        if name not in layer.lora_A or name in layer.merged_adapters:
+            continue
+        weight = weight + layer.get_delta_weight(name).float()
+        if layer.use_dora.get(name, False):
+            magnitude = layer.lora_magnitude_vector[name].weight.float()  # (d,)
+            weight = weight * (magnitude / weight.norm(dim=1)).unsqueeze(1)
+    return weight
+
+
 def trainable_parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

@@ -16,13 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save
 from torch import nn
 
 from experiments.files import atomic_write_bytes
-from mora.adapters import LLAMA_TARGETS, adapter_layers
-from mora.layer import MoRALinear
+from mora.adapters import LLAMA_TARGETS, adapter_layers, effective_weight
 
 SPECTRA_FILE = "spectra.safetensors"
 # The module types in the order of the paper's Fig. 5: ΔW_q, ΔW_k, ΔW_v, ΔW_o, ΔW_up, ΔW_down, ΔW_gate.
@@ -40,33 +38,6 @@ def module_type(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-# ---------------------------------------------------------------- effective weights
-
-
-@torch.no_grad()
-def _mora_weight(layer: MoRALinear) -> torch.Tensor:
-    """W0 + ΔW (Eq. 3), or W0 alone when ΔW is already merged into it."""
-    weight = layer.base_layer.weight.float()
-    return weight.clone() if layer.merged else weight + layer.mora.delta_weight().float()
-
-
-@torch.no_grad()
-def _lora_weight(layer: LoraLayer) -> torch.Tensor:
-    """W0 plus every active, unmerged peft adapter: + (α/r)·BA for LoRA, and for DoRA the
-    row-wise rescaling W' = m ⊙ (W + ΔW) / ‖W + ΔW‖_row that its forward applies (Liu et al. 2024)."""
-    weight = layer.get_base_layer().weight.float().clone()  # (d, k)
-    if layer.disable_adapters:
-        return weight
-    for name in layer.active_adapters:
-        if name not in layer.lora_A or name in layer.merged_adapters:
-            continue
-        weight = weight + layer.get_delta_weight(name).float()
-        if layer.use_dora.get(name, False):
-            magnitude = layer.lora_magnitude_vector[name].weight.float()  # (d,)
-            weight = weight * (magnitude / weight.norm(dim=1)).unsqueeze(1)
-    return weight
-
-
 def _matches(name: str, targets: tuple[str, ...]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
@@ -77,8 +48,8 @@ def effective_linear_weights(model: nn.Module, target_modules: tuple[str, ...] =
     """name → float32 copy of the (d, k) weight each targeted linear currently applies.
 
     A layer matches when its name ends with one of ``target_modules`` (peft's suffix rule). Pending
-    adapters are included (MoRA: W0 + ΔW; peft LoRA-family layers, DoRA included: see
-    :func:`_lora_weight`); a plain ``nn.Linear`` (FFT) gives its weight. Names are those before
+    adapters are included (:func:`mora.adapters.effective_weight`); a plain ``nn.Linear`` (FFT)
+    gives its weight. Names are those before
     adapter injection, so snapshots taken before and after injection share keys. Biases are not
     included (they are not part of ΔW). ``device``: where the copies go (None: stay where they are).
     Raises ValueError when nothing matches.
@@ -89,12 +60,9 @@ def effective_linear_weights(model: nn.Module, target_modules: tuple[str, ...] =
         key = normalise_name(name)
         if not _matches(key, tuple(target_modules)) or key in weights:
             continue
-        if name in adapters:
-            weight = _mora_weight(module) if isinstance(module, MoRALinear) else _lora_weight(module)
-        elif isinstance(module, nn.Linear):
-            weight = module.weight.float().clone()
-        else:
+        if name not in adapters and not isinstance(module, nn.Linear):
             continue
+        weight = effective_weight(module)
         weights[key] = weight if device is None else weight.to(device)
     if not weights:  # e.g. FFT's empty adapter target list passed by mistake: fail, never save nothing
         raise ValueError(f"no linear layer matches target_modules={tuple(target_modules)}")
