@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.errors import HydraException
@@ -147,19 +148,24 @@ PRESETS = sorted(p.stem for p in (CONF / "preset").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_restart_settings_live_with_relora_and_remora(preset):
-    """Under every preset ReLoRA and ReMoRA restart on the same schedule; no other method has
-    restart settings (conf/method/*.yaml)."""
+def test_relora_and_remora_restart_on_the_same_schedule(preset):
+    """Under every preset ReLoRA and ReMoRA read the preset's one restart schedule."""
     task, scale = preset.rsplit("_", 1)
-    restarts = {}
+    relora, remora = (compose(f"task={task}", f"scale={scale}", f"method={m}").method for m in ("relora", "remora"))
+    schedule = ("merge_every", "restart_warmup_steps", "jagged_schedule")
+    assert {k: relora[k] for k in schedule} == {k: remora[k] for k in schedule} and relora.merge_every > 0
+    assert (relora.group_switch, remora.group_switch) == ("none", "pair")
+
+
+def test_no_other_method_has_restart_settings():
+    """Restart settings live in conf/method/{relora,remora}.yaml only, and no preset writes them into
+    a method (a `_global_` preset that set method.merge_every would turn LoRA into ReLoRA)."""
     for method in METHODS:
-        node = compose(f"task={task}", f"scale={scale}", f"method={method}").method
-        restarts[method] = {k: node[k] for k in RESTART_FIELDS if k in node}
-    schedule = {k: restarts["relora"].pop(k) for k in ("merge_every", "restart_warmup_steps", "jagged_schedule")}
-    assert {k: restarts["remora"].pop(k) for k in schedule} == schedule
-    assert schedule["merge_every"] > 0
-    assert restarts.pop("relora") == {"group_switch": "none"} and restarts.pop("remora") == {"group_switch": "pair"}
-    assert all(not fields for fields in restarts.values()), restarts
+        node = compose(f"method={method}").method
+        assert method in ("relora", "remora") or not set(node) & set(RESTART_FIELDS), method
+    for path in (CONF / "preset").glob("*.yaml"):
+        method_section = OmegaConf.load(path).get("method") or {}
+        assert not set(method_section) & set(RESTART_FIELDS), path.name
 
 
 def test_only_a_restarting_method_takes_restart_settings():
