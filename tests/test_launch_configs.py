@@ -10,7 +10,6 @@ would export.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

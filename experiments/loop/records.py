@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from experiments.files import atomic_torch_save, atomic_write_text  # noqa: F401 (atomic_torch_save: moved, see files.py)
+from experiments.files import atomic_write_text
 from experiments.paths import REPO_ROOT
 
 CONFIG, ENVIRONMENT, METRICS, SUMMARY = "config.yaml", "environment.json", "metrics.jsonl", "summary.json"
