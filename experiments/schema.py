@@ -15,7 +15,7 @@ from experiments.paths import DEFAULT_DATA_ROOT
 from experiments.tasks import TaskSpec, task_spec
 from mora.adapters import AdapterConfig
 from mora.restarts import RestartConfig, check_restarts
-from mora.validation import check_choice, check_int, check_known_fields
+from mora.validation import check_choice, check_float, check_int, check_known_fields
 
 SCALES = ("mini", "paper")
 MODEL_SOURCES = ("llama2c", "hub", "config")
@@ -156,9 +156,7 @@ def _train_spec(cfg: DictConfig, restarts: RestartConfig) -> TrainSpec:
     check_int("train.warmup_steps", t["warmup_steps"], minimum=0)
     check_choice("train.scheduler", t["scheduler"], SCHEDULERS)
     check_choice("train.dtype", t["dtype"], DTYPES)
-    min_ratio = float(t.get("min_lr_ratio", 0.0))
-    if not 0.0 <= min_ratio <= 1.0:
-        raise ValueError(f"train.min_lr_ratio must lie in [0, 1], got {min_ratio}")
+    min_ratio = check_float("train.min_lr_ratio", t.get("min_lr_ratio", 0.0), 0.0, 1.0)
     steps = tuple(int(s) for s in t["eval_steps"])
     if any(s <= 0 or s > t["max_steps"] for s in steps):
         raise ValueError(f"train.eval_steps must lie in [1, train.max_steps={t['max_steps']}], got {list(steps)}")
@@ -186,10 +184,7 @@ def _task_spec(cfg: DictConfig) -> TaskSpec:
 def _adapter_config(cfg: DictConfig, rank: RankMapping) -> AdapterConfig:
     m = OmegaConf.to_container(cfg.method, resolve=True)
     fields = set(AdapterConfig.__dataclass_fields__) - {"method", "rank", "extra"}
-    known = fields | {"name", *RESTART_FIELDS}
-    unknown = sorted(set(m) - known)
-    if unknown:
-        raise ValueError(f"method has unknown fields {unknown}; allowed: {sorted(known)}")
+    check_known_fields("method", m, fields | {"name", *RESTART_FIELDS})
     values = {k: v for k, v in m.items() if k in fields}
     if values.get("alpha") is not None and rank.rank != rank.paper_rank:
         # α/r is LoRA's effective step size: keep the paper's ratio when the rank is mapped
@@ -198,17 +193,14 @@ def _adapter_config(cfg: DictConfig, rank: RankMapping) -> AdapterConfig:
 
 
 def _learning_rate(cfg: DictConfig, method: str) -> float:
+    """``lr`` as given, else the preset's ``lr_by_method`` entry for the method."""
     if cfg.lr is not None:
-        lr = float(cfg.lr)
-    else:
-        table = cfg.get("lr_by_method") or {}
-        if method not in table:
-            raise ValueError(f"lr is null and the preset has no lr_by_method entry for method={method!r}; "
-                             f"set lr=<value> (entries: {sorted(table)})")
-        lr = float(table[method])
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got lr={lr}")
-    return lr
+        return check_float("lr", cfg.lr, 0.0, low_open=True)
+    table = cfg.get("lr_by_method") or {}
+    if method not in table:
+        raise ValueError(f"lr is null and the preset has no lr_by_method entry for method={method!r}; "
+                         f"set lr=<value> (entries: {sorted(table)})")
+    return check_float(f"lr_by_method.{method}", table[method], 0.0, low_open=True)
 
 
 def default_run_name(cfg: DictConfig, adapter: AdapterConfig, lr: float) -> str:

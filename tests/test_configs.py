@@ -198,6 +198,8 @@ def test_unknown_group_choice_names_the_group(group, value):
     ("logger.kind=tensorboard", "logger"),
     ("lr=-1", "lr"),
     ("lr=0", "lr"),
+    ("lr=abc", "lr=.abc."),                # not a number: the error still names lr
+    ("lr=inf", "lr=inf"),
     ("task.n_pairs=0", "task.n_pairs"),
     ("task.eval_batch_size=0", "task.eval_batch_size"),
 ])
