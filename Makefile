@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: install test test-fast bench rank-table fig2 fig3 table2 uuid fig4 table3 fig5 pretrain pretrain-lr-sweep \
         table1 table1-instruct table1-math table1-biomed table4 table6 table7 finetune finetune-lr-sweep \
-        all snapshot clean
+        all snapshot regime clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -141,6 +141,11 @@ all: uuid pretrain finetune
 ## where the suite re-renders every notebook from them and checks the README's numbers
 snapshot: $(STAMP)
 	$(PY) -m analysis.snapshot --runs results/runs --out tests/fixtures/measured --scale mini
+
+## is each mini experiment in the paper's regime? one table per experiment from the presets, the models
+## they build and the runs in results/runs: reports/regime/regime.md (the README's copy reads the snapshot)
+regime: $(STAMP)
+	$(PY) -m analysis regime --runs results/runs --out reports/regime
 
 clean:
 	rm -rf $(VENV) .pytest_cache results/bench

@@ -1,7 +1,8 @@
-"""``python -m analysis uuid|pretrain|finetune --runs results/runs --out reports/<name>``: the paper's figures and tables.
+"""``python -m analysis uuid|pretrain|finetune|regime --runs results/runs --out reports/<name>``: the paper's figures and tables.
 
 ``uuid``: Fig. 2, Fig. 3 and Table 2 (UUID memorisation). ``pretrain``: Fig. 4, Table 3 and Fig. 5
-(C4 pretraining). ``finetune``: Tables 1, 4, 6 and 7 (fine-tuning, lm-eval scores). Reads run folders
+(C4 pretraining). ``finetune``: Tables 1, 4, 6 and 7 (fine-tuning, lm-eval scores). ``regime``: whether
+each `mini` experiment is in the paper's regime (presets, models and run folders). Reads run folders
 only; exits 1 with a message when no run matches.
 """
 
@@ -18,6 +19,7 @@ import yaml
 from analysis.pretrain_figures import (FIG5_THRESHOLD, group_pretrain_runs, load_pretrain_runs, lr_sweep_markdown,
                                       write_pretrain_report)
 from analysis.finetune_tables import load_finetune_runs, lr_sweep_markdown as finetune_lr_markdown, write_finetune_report
+from analysis.regime import write_report as write_regime_report
 from analysis.runs import load_runs
 from experiments.loop.records import find_runs
 from analysis.uuid_figures import write_uuid_report
@@ -64,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           help="sweep root (default: %(default)s)")
     ft_sweep.add_argument("--out", type=Path, default=Path("reports/finetune"),
                           help="output folder (default: %(default)s)")
+    regime = sub.add_parser("regime", help="is each mini experiment in the paper's regime: regime.md")
+    regime.add_argument("--runs", type=Path, default=Path("results/runs"), help="results root (default: %(default)s)")
+    regime.add_argument("--out", type=Path, default=Path("reports/regime"), help="output folder (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.report == "pretrain" and args.smooth < 1:
         parser.error(f"--smooth must be at least 1, got {args.smooth}")
@@ -173,10 +178,19 @@ def finetune_lr_report(args: argparse.Namespace) -> int:
     return _sweep_report(args, render)
 
 
+def regime_report(args: argparse.Namespace) -> int:
+    """Write the regime tables (presets and models; measured rows from the runs); 1 if no runs folder."""
+    start = time.perf_counter()
+    if _no_runs_folder(args.runs):
+        return 1
+    print(f"wrote {write_regime_report(args.runs, args.out)} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     return {"uuid": uuid_report, "pretrain": pretrain_report, "pretrain-lr": pretrain_lr_report,
-            "finetune": finetune_report, "finetune-lr": finetune_lr_report}[args.report](args)
+            "finetune": finetune_report, "finetune-lr": finetune_lr_report, "regime": regime_report}[args.report](args)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,8 @@ def test_every_notebook_is_checked_against_the_snapshot():
 
 def test_the_claims_table_quotes_only_measured_numbers():
     """The opening claims table's fine-tuning numbers (three decimals) are the fine-tuning section's."""
-    claims = README[README.index("## The paper's claims"):README.index("## Two commands")]
+    start = README.index("## The paper's claims")
+    claims = README[start:README.index("\n## ", start)]
     section = finetuning_section()
     for number in re.findall(r"\b\d\.\d{3}\b", claims):
         assert number in section, f"claims table quotes {number}, which the fine-tuning results do not show"
