@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: install test test-fast bench rank-table fig2 fig3 table2 uuid fig4 table3 fig5 pretrain pretrain-lr-sweep \
         table1 table1-instruct table1-math table1-biomed table4 table6 table7 finetune finetune-lr-sweep \
-        all snapshot regime clean
+        all snapshot regime calibrate-uuid clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -131,6 +131,24 @@ finetune-lr-sweep: $(STAMP)
 	$(FINETUNE) experiment=finetune_r8,finetune_r256 task=metamath method=$(FT_METHODS) lr=1e-3,3e-3,1e-2,3e-2,1e-1 seed=0 out_root=results/ft_lr_sweep
 	$(FINETUNE) experiment=finetune_r8,finetune_r256 task=biomed method=lora,mora lr=1e-3,3e-3,1e-2,3e-2 seed=0 out_root=results/ft_lr_sweep
 	$(PY) -m analysis finetune-lr --runs results/ft_lr_sweep --out reports/finetune
+
+# ---- Calibration of the mini presets from the baselines only (issue 12; the rules: docs/calibration.md)
+
+## UUID: FFT and LoRA r = 8, 256 (no MoRA) at seed 0 over pairs x learning-rate grid, batch = pairs / 4
+## (0.25 epochs per step at every N), into results/calibrate_uuid/pairs<N>/; reports/calibration/calibration_uuid.md
+## (36 runs, ~24 min on 2 cores). Refresh the copy the docs' report is checked against with
+## python -m analysis.snapshot --runs results/calibrate_uuid --out tests/fixtures/calibration_uuid --scale mini
+CAL_PAIRS    ?= 16 32 64 128
+CAL_FFT_LR   ?= 1e-3,3e-3,1e-2
+CAL_LORA_LR  ?= 3e-3,1e-2,3e-2
+CAL_UUID     := $(FINETUNE) experiment=uuid_memory seed=0
+calibrate-uuid: $(STAMP)
+	for n in $(CAL_PAIRS); do \
+	  opts="task.n_pairs=$$n train.batch_size=$$((n / 4)) out_root=results/calibrate_uuid/pairs$$n"; \
+	  $(CAL_UUID) method=fft lr=$(CAL_FFT_LR) $$opts || exit 1; \
+	  $(CAL_UUID) method=lora rank=8,256 lr=$(CAL_LORA_LR) $$opts || exit 1; \
+	done
+	$(PY) -m analysis calibrate-uuid --runs results/calibrate_uuid --out reports/calibration
 
 # ---- Everything
 

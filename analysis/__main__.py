@@ -1,8 +1,9 @@
-"""``python -m analysis uuid|pretrain|finetune|regime --runs results/runs --out reports/<name>``: the paper's figures and tables.
+"""``python -m analysis uuid|pretrain|finetune|regime|calibrate-uuid --runs results/runs --out reports/<name>``: the paper's figures and tables.
 
 ``uuid``: Fig. 2, Fig. 3 and Table 2 (UUID memorisation). ``pretrain``: Fig. 4, Table 3 and Fig. 5
 (C4 pretraining). ``finetune``: Tables 1, 4, 6 and 7 (fine-tuning, lm-eval scores). ``regime``: whether
-each `mini` experiment is in the paper's regime (presets, models and run folders). Reads run folders
+each `mini` experiment is in the paper's regime (presets, models and run folders). ``calibrate-uuid``: the
+UUID calibration rule of docs/calibration.md applied to the FFT and LoRA calibration runs. Reads run folders
 only; exits 1 with a message when no run matches.
 """
 
@@ -16,6 +17,7 @@ from typing import Callable
 
 import yaml
 
+from analysis.calibration import write_calibration_report
 from analysis.pretrain_figures import (FIG5_THRESHOLD, group_pretrain_runs, load_pretrain_runs, lr_sweep_markdown,
                                       write_pretrain_report)
 from analysis.finetune_tables import load_finetune_runs, lr_sweep_markdown as finetune_lr_markdown, write_finetune_report
@@ -69,6 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     regime = sub.add_parser("regime", help="is each mini experiment in the paper's regime: regime.md")
     regime.add_argument("--runs", type=Path, default=Path("results/runs"), help="results root (default: %(default)s)")
     regime.add_argument("--out", type=Path, default=Path("reports/regime"), help="output folder (default: %(default)s)")
+    calibrate = sub.add_parser("calibrate-uuid", help="UUID calibration (FFT and LoRA only): calibration_uuid.md")
+    calibrate.add_argument("--runs", type=Path, default=Path("results/calibrate_uuid"),
+                           help="calibration root (default: %(default)s)")
+    calibrate.add_argument("--out", type=Path, default=Path("reports/calibration"),
+                           help="output folder (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.report == "pretrain" and args.smooth < 1:
         parser.error(f"--smooth must be at least 1, got {args.smooth}")
@@ -187,10 +194,26 @@ def regime_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def calibrate_uuid_report(args: argparse.Namespace) -> int:
+    """Apply the UUID calibration rule to the runs, write and print the report; 1 if there are no runs."""
+    start = time.perf_counter()
+    if _no_runs_folder(args.runs):
+        return 1
+    try:
+        path = write_calibration_report(args.runs, args.out)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(path.read_text())
+    print(f"wrote {path} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     return {"uuid": uuid_report, "pretrain": pretrain_report, "pretrain-lr": pretrain_lr_report,
-            "finetune": finetune_report, "finetune-lr": finetune_lr_report, "regime": regime_report}[args.report](args)
+            "finetune": finetune_report, "finetune-lr": finetune_lr_report, "regime": regime_report,
+            "calibrate-uuid": calibrate_uuid_report}[args.report](args)
 
 
 if __name__ == "__main__":
