@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: install test test-fast bench rank-table fig2 fig3 table2 uuid fig4 table3 fig5 pretrain pretrain-lr-sweep \
         table1 table1-instruct table1-math table1-biomed table4 table6 table7 finetune finetune-lr-sweep \
-        all snapshot regime calibrate-uuid clean
+        all snapshot regime calibrate-uuid calibrate-uuid-epochs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -149,6 +149,21 @@ calibrate-uuid: $(STAMP)
 	  $(CAL_UUID) method=lora rank=8,256 lr=$(CAL_LORA_LR) $$opts || exit 1; \
 	done
 	$(PY) -m analysis calibrate-uuid --runs results/calibrate_uuid --out reports/calibration
+
+## UUID round 2 (docs/calibration.md, Amendment 1): the paper's epochs at every evaluation, batch = 0.3 N
+## (0.3 epochs per step), evaluations at 100/167/233/300 (the paper's 300/500/700/900), N in the order
+## 40 80 120 20, into results/calibrate_uuid_r2/pairs<N>/; reports/calibration_r2/calibration_uuid.md.
+## Refresh the docs' copy with
+## python -m analysis.snapshot --runs results/calibrate_uuid_r2 --out tests/fixtures/calibration_uuid_r2 --scale mini
+CAL2_PAIRS   ?= 40 80 120 20
+CAL2_EVALS   ?= [100,167,233,300]
+calibrate-uuid-epochs: $(STAMP)
+	for n in $(CAL2_PAIRS); do \
+	  opts="task.n_pairs=$$n train.batch_size=$$((n * 3 / 10)) train.eval_steps=$(CAL2_EVALS) out_root=results/calibrate_uuid_r2/pairs$$n"; \
+	  $(CAL_UUID) method=fft lr=$(CAL_FFT_LR) $$opts || exit 1; \
+	  $(CAL_UUID) method=lora rank=8,256 lr=$(CAL_LORA_LR) $$opts || exit 1; \
+	done
+	$(PY) -m analysis calibrate-uuid --runs results/calibrate_uuid_r2 --out reports/calibration_r2
 
 # ---- Everything
 

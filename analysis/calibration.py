@@ -19,6 +19,9 @@ from analysis.runs import SELECTION_RULE, Run, Selection, aggregate_curves, chec
 from experiments.loop.records import find_runs
 
 PAPER_EVAL_STEPS = (300, 500, 700, 900)  # Table 2's evaluations; the mini ones stand for them in order
+# The mini evaluation steps are read from each run's config (``train.eval_steps``): the k-th of them stands
+# for the paper's k-th (round 1: 75/150/225/300; Amendment 1: 100/167/233/300). Runs written without
+# that key (synthetic ones) fall back to the steps their log evaluated, in order.
 FULL = 100.0  # character accuracy, percent
 
 
@@ -51,6 +54,7 @@ class ArmResult:
     batch_size: int
     selection: Selection
     accuracy: dict[int, float]  # mini step → mean character accuracy (%) of the best rate's runs
+    eval_steps: tuple[int, ...] = ()  # the runs' configured evaluation steps (empty: those evaluated)
 
     @property
     def grid(self) -> tuple[float, ...]:
@@ -72,9 +76,7 @@ class ArmResult:
 
     def paper_step(self, mini_step: int) -> int | None:
         """The paper step the ``mini_step`` evaluation stands for (by position), None beyond Table 2's."""
-        steps = sorted(self.accuracy)
-        i = steps.index(mini_step)
-        return PAPER_EVAL_STEPS[i] if i < len(PAPER_EVAL_STEPS) else None
+        return paper_steps(self.eval_steps or sorted(self.accuracy)).get(mini_step)
 
     @property
     def holds(self) -> bool:
@@ -108,14 +110,20 @@ class PairsResult:
         return all(a.inside_grid for a in self.arms)
 
 
+def paper_steps(mini_steps: Sequence[int]) -> dict[int, int]:
+    """Mini evaluation step → the paper step it stands for, by position (k-th → Table 2's k-th)."""
+    return dict(zip(sorted(mini_steps), PAPER_EVAL_STEPS))
+
+
 def load_calibration(root: str | Path) -> list[PairsResult]:
     """The UUID runs under ``root`` grouped by number of pairs, FFT and LoRA arms only, by increasing N."""
-    by_pairs: dict[int, list[tuple[Run, int]]] = defaultdict(list)
+    by_pairs: dict[int, list[tuple[Run, tuple[int, tuple[int, ...]]]]] = defaultdict(list)
     for record in find_runs(root, **{"task.name": "uuid"}):
         run = run_from_record(record)
         if any((run.method, run.rank) == (a.method, a.rank) for a in ARMS):
             config = record["config"]
-            by_pairs[int(config["task"]["n_pairs"])].append((run, int(config["train"]["batch_size"])))
+            evals = tuple(sorted(int(s) for s in config["train"].get("eval_steps") or ()))
+            by_pairs[int(config["task"]["n_pairs"])].append((run, (int(config["train"]["batch_size"]), evals)))
     results = []
     for n_pairs in sorted(by_pairs):
         check_unique([run for run, _ in by_pairs[n_pairs]])
@@ -128,15 +136,20 @@ def _is(run: Run, arm: Arm) -> bool:
     return (run.method, run.rank) == (arm.method, arm.rank)
 
 
-def _arm_result(arm: Arm, n_pairs: int, runs: Sequence[tuple[Run, int]]) -> ArmResult:
-    mine = [(run, batch) for run, batch in runs if _is(run, arm)]
-    batches = sorted({batch for _, batch in mine})
+def _arm_result(arm: Arm, n_pairs: int, runs: Sequence[tuple[Run, tuple[int, tuple[int, ...]]]]) -> ArmResult:
+    mine = [(run, setting) for run, setting in runs if _is(run, arm)]
+    batches = sorted({batch for _, (batch, _) in mine})
     if len(batches) > 1:
         raise ValueError(f"{arm.label} at {n_pairs} pairs was run with several batch sizes {batches}; "
                          "the rule keeps one batch per number of pairs")
+    evals = sorted({steps for _, (_, steps) in mine})
+    if len(evals) > 1:
+        raise ValueError(f"{arm.label} at {n_pairs} pairs was run with several evaluation schedules {evals}; "
+                         "the rule keeps one per round")
     (selection,) = select_learning_rates([run for run, _ in mine])
     curves = aggregate_curves(run.char_accuracy for run in selection.chosen.runs) if selection.chosen else {}
-    return ArmResult(arm, n_pairs, batches[0], selection, {step: stat.mean for step, stat in curves.items()})
+    return ArmResult(arm, n_pairs, batches[0], selection, {step: stat.mean for step, stat in curves.items()},
+                     evals[0])
 
 
 def selected_pairs(results: Sequence[PairsResult]) -> int | None:
@@ -165,8 +178,11 @@ def _row(a: ArmResult, steps: Sequence[int]) -> str:
 def calibration_markdown(results: Sequence[PairsResult]) -> str:
     """The calibration table, the verdict per number of pairs and the selection."""
     steps = sorted({s for r in results for a in r.arms for s in a.accuracy})
-    header = " | ".join(f"acc. % @ {s}" + (f" (paper {PAPER_EVAL_STEPS[i]})" if i < len(PAPER_EVAL_STEPS) else "")
-                        for i, s in enumerate(steps))
+    configured = {a.eval_steps for r in results for a in r.arms if a.eval_steps}
+    if len(configured) > 1:
+        raise ValueError(f"the runs mix evaluation schedules {sorted(configured)}; report one round at a time")
+    paper = paper_steps(configured.pop() if configured else steps)
+    header = " | ".join(f"acc. % @ {s}" + (f" (paper {paper[s]})" if s in paper else "") for s in steps)
     lines = ["### Calibration runs (FFT and LoRA only, seed 0)", "",
              f"Best learning rate per arm: {SELECTION_RULE}", "",
              f"| pairs | batch | arm | lr grid | best lr | best inside the grid? | {header} | first eval at 100% | "

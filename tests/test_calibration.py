@@ -13,24 +13,28 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = (75, 150, 225, 300)
 
 
-def write_run(root, n_pairs, method, rank, lr, accuracy, loss=1.0, status="completed"):
-    """One run folder: ``accuracy`` is the character accuracy (%) at each of STEPS."""
+def write_run(root, n_pairs, method, rank, lr, accuracy, loss=1.0, status="completed", eval_steps=None):
+    """One run folder: ``accuracy`` is the character accuracy (%) at each of ``eval_steps`` (default STEPS,
+    then left out of the config, as in runs that predate the key)."""
     targets = [] if method == "fft" else ["q_proj", "v_proj"]
+    train = {"batch_size": n_pairs // 4} if eval_steps is None else {"batch_size": n_pairs // 4,
+                                                                     "eval_steps": list(eval_steps)}
     config = {"rank": rank, "seed": 0, "lr": lr, "scale": {"name": "mini"},
-              "task": {"name": "uuid", "n_pairs": n_pairs}, "train": {"batch_size": n_pairs // 4},
+              "task": {"name": "uuid", "n_pairs": n_pairs}, "train": train,
               "method": {"name": method, "target_modules": targets}, "resolved": {"lr": lr, "effective_rank": 1}}
     record = RunRecord.create(root / f"pairs{n_pairs}" / f"{method}-r{rank}-lr{lr}", config, resume=False)
-    for step, acc in zip(STEPS, accuracy):
+    for step, acc in zip(eval_steps or STEPS, accuracy):
         record.log(step, loss=loss, **{"eval/char_accuracy": acc})
     record.write_summary({"status": status})
 
 
-def write_grid(root, n_pairs, fft, lora256, lora8, grids=((1e-3, 3e-3, 1e-2), (3e-3, 1e-2, 3e-2))):
+def write_grid(root, n_pairs, fft, lora256, lora8, grids=((1e-3, 3e-3, 1e-2), (3e-3, 1e-2, 3e-2)), eval_steps=None):
     """Every arm over its grid; the middle rate gets the given curve, the ends a worse one."""
     for (method, rank, curve), grid in ((("fft", 8, fft), grids[0]), (("lora", 256, lora256), grids[1]),
                                         (("lora", 8, lora8), grids[1])):
         for lr in grid:
-            write_run(root, n_pairs, method, rank, lr, curve if lr == grid[1] else [a / 2 for a in curve])
+            write_run(root, n_pairs, method, rank, lr, curve if lr == grid[1] else [a / 2 for a in curve],
+                      eval_steps=eval_steps)
 
 
 PASS = dict(fft=[60, 100, 100, 100], lora256=[30, 80, 100, 100], lora8=[20, 40, 50, 60])
@@ -95,3 +99,20 @@ def test_docs_show_the_report_of_the_committed_calibration_runs():
     """docs/calibration.md carries the report rendered from tests/fixtures/calibration_uuid (the real runs)."""
     rendered = calibration_markdown(load_calibration(REPO / "tests" / "fixtures" / "calibration_uuid"))
     assert rendered in (REPO / "docs" / "calibration.md").read_text()
+
+
+def test_configured_evaluation_steps_map_to_the_paper_by_position(tmp_path):
+    """Amendment 1's evaluations (100/167/233/300) are read from the runs' configs, not assumed."""
+    write_grid(tmp_path, 40, **PASS, eval_steps=(100, 167, 233, 300))
+    (result,) = load_calibration(tmp_path)
+    fft = next(a for a in result.arms if a.arm == ARMS[0])
+    assert fft.eval_steps == (100, 167, 233, 300)
+    assert fft.first_full_step == 167 and fft.paper_step(167) == 500 and result.shape_holds
+    assert "acc. % @ 167 (paper 500) | acc. % @ 233 (paper 700)" in calibration_markdown([result])
+
+
+def test_docs_show_the_report_of_the_round_2_calibration_runs():
+    """docs/calibration.md (Amendment 1) carries the report rendered from tests/fixtures/calibration_uuid_r2."""
+    rendered = calibration_markdown(load_calibration(REPO / "tests" / "fixtures" / "calibration_uuid_r2"))
+    docs = (REPO / "docs" / "calibration.md").read_text()
+    assert rendered in docs.split("Amendment 1 (written before round 2's runs)", 1)[1]
