@@ -428,10 +428,11 @@ def document(rows: list[Checked]) -> str:
             f"(e.g. batch × accumulation).\n\n{markdown(rows)}\n")
 
 
-def readme_block(text: str) -> str | None:
-    if BEGIN not in text or END not in text:
+def readme_block(text: str, begin: str = BEGIN, end: str = END) -> str | None:
+    """The generated block of ``text`` between its markers (included), or None when it has none."""
+    if begin not in text or end not in text:
         return None
-    return text[text.index(BEGIN):text.index(END) + len(END)]
+    return text[text.index(begin):text.index(end) + len(end)]
 
 
 def with_block(text: str, new_block: str) -> str:

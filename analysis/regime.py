@@ -32,6 +32,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from analysis.methods import method_style
 from analysis.paper_settings import T5_VOCAB, TABLE_5_ROWS, compose, fmt, read
+from analysis.paper_settings import readme_block as marked_block
 from analysis.pretrain_figures import PAPER_TABLE3
 from analysis.runs import Run, best_groups, check_unique, run_from_record
 from analysis.uuid_figures import PAPER_TABLE2, PAPER_TABLE2_STEPS
@@ -705,9 +706,7 @@ def block(found: list[Table]) -> str:
 
 
 def readme_block(text: str) -> str | None:
-    if BEGIN not in text or END not in text:
-        return None
-    return text[text.index(BEGIN):text.index(END) + len(END)]
+    return marked_block(text, BEGIN, END)
 
 
 def with_block(text: str, new_block: str) -> str:
