@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: install test test-fast bench rank-table fig2 fig3 table2 uuid fig4 table3 fig5 pretrain pretrain-lr-sweep \
         table1 table1-instruct table1-math table1-biomed table4 table6 table7 finetune finetune-lr-sweep \
-        all snapshot regime calibrate-uuid calibrate-uuid-epochs clean
+        all snapshot regime calibrate-uuid calibrate-uuid-epochs calibrate-uuid-base base clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -157,13 +157,28 @@ calibrate-uuid: $(STAMP)
 ## python -m analysis.snapshot --runs results/calibrate_uuid_r2 --out tests/fixtures/calibration_uuid_r2 --scale mini
 CAL2_PAIRS   ?= 40 80 120 20
 CAL2_EVALS   ?= [100,167,233,300]
-calibrate-uuid-epochs: $(STAMP)
-	for n in $(CAL2_PAIRS); do \
-	  opts="task.n_pairs=$$n train.batch_size=$$((n * 3 / 10)) train.eval_steps=$(CAL2_EVALS) out_root=results/calibrate_uuid_r2/pairs$$n"; \
+# $(call cal_uuid_epochs,<extra overrides>,<out root>): Amendment 1's grid (batch = 0.3 N) over CAL2_PAIRS
+cal_uuid_epochs = for n in $(CAL2_PAIRS); do \
+	  opts="$(1) task.n_pairs=$$n train.batch_size=$$((n * 3 / 10)) train.eval_steps=$(CAL2_EVALS) out_root=$(2)/pairs$$n"; \
 	  $(CAL_UUID) method=fft lr=$(CAL_FFT_LR) $$opts || exit 1; \
 	  $(CAL_UUID) method=lora rank=8,256 lr=$(CAL_LORA_LR) $$opts || exit 1; \
 	done
+calibrate-uuid-epochs: $(STAMP)
+	$(call cal_uuid_epochs,,results/calibrate_uuid_r2)
 	$(PY) -m analysis calibrate-uuid --runs results/calibrate_uuid_r2 --out reports/calibration_r2
+
+## UUID round 3 (docs/calibration.md, Amendment 2): round 2 on the wider base stories_w128 (built first by
+## `make base`), into results/calibrate_uuid_r3/pairs<N>/; reports/calibration_r3/calibration_uuid.md.
+## Refresh the docs' copy with
+## python -m analysis.snapshot --runs results/calibrate_uuid_r3 --out tests/fixtures/calibration_uuid_r3 --scale mini
+calibrate-uuid-base: base
+	$(call cal_uuid_epochs,model=stories_w128,results/calibrate_uuid_r3)
+	$(PY) -m analysis calibrate-uuid --runs results/calibrate_uuid_r3 --out reports/calibration_r3
+
+## the wider mini base (docs/calibration.md, Amendment 2): stories260K's shape at width 128, pretrained here
+## once from the offline text into bases/stories_w128/ (deterministic; ~4 min on 2 threads)
+base: $(STAMP)
+	$(PY) experiments/build_base.py --model stories_w128
 
 # ---- Everything
 

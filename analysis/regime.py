@@ -38,6 +38,9 @@ from analysis.runs import Run, best_groups, check_unique, run_from_record
 from analysis.uuid_figures import PAPER_TABLE2, PAPER_TABLE2_STEPS
 from experiments.loop.records import find_runs, flatten
 from experiments.models.loading import build_llama_from_config, load_model
+from experiments.data.offline import verify_files
+from experiments.models.local_base import shape_of
+from experiments.models.sp_tokenizer import load_sentencepiece_tokenizer
 from experiments.schema import RunConfig, build_run_config
 from experiments.tasks import build_task
 from experiments.tasks.finetune import SFTTask, TextTask
@@ -191,8 +194,17 @@ def _hub(model, task, data_root: Path) -> nn.Module:
         return LlamaForCausalLM(LlamaConfig(**HUB_SHAPES[model.hub_id]))
 
 
+@lru_cache(maxsize=None)
+def _local_base(model, task, data_root: Path) -> nn.Module:
+    """A base the repository pretrains (experiments/models/local_base.py), on the meta device: its
+    shape is the config's and its vocabulary its tokenizer's, so no base has to be built to count."""
+    (tokenizer_path,) = verify_files(data_root, [model.tokenizer])
+    with torch.device("meta"):
+        return LlamaForCausalLM(shape_of(model, len(load_sentencepiece_tokenizer(tokenizer_path))).llama_config())
+
+
 MODEL_BUILDERS = {"llama2c": lambda model, task, root: _llama2c(model, root)[0], "config": _from_config,
-                  "hub": _hub}
+                  "hub": _hub, "local_base": _local_base}
 TOKENIZER_VOCAB = {"t5": T5_VOCAB}   # fixed vocabularies; a trained BPE has task.vocab_size tokens
 
 

@@ -28,7 +28,7 @@ from experiments.models.loading import load_model  # noqa: E402
 from experiments.data.offline import DEFAULT_DATA_ROOT  # noqa: E402
 from experiments.loop.records import CONFIG  # noqa: E402
 from experiments.paths import REPO_ROOT  # noqa: E402
-from experiments.schema import ModelSpec, build_run_config  # noqa: E402
+from experiments.schema import build_run_config, model_spec  # noqa: E402
 from experiments.loop.checkpoint import CHECKPOINT, load_checkpoint  # noqa: E402
 from mora.adapters import inject_adapters, load_adapter, merge_and_unload  # noqa: E402
 
@@ -48,16 +48,6 @@ def load_run(run_dir: str | Path, device: str = "auto"):
     inject_adapters(model, run.adapter)
     loop = load_checkpoint(run_dir / CHECKPOINT, model)  # FFT: every weight; adapters: theirs and the trained ones
     return model.to(run.device).eval(), tokenizer, run, loop["step"]
-
-
-def model_spec(model_name: str) -> ModelSpec:
-    """The base model ``conf/model/<model_name>.yaml`` (its Hydra defaults list composed)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    with initialize_config_dir(str(REPO_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"model={model_name}"])
-    return ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True))
 
 
 def load_saved_adapter(adapter_dir: str | Path, model_name: str, data_root: str | Path | None,

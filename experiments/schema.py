@@ -11,6 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.models.local_base import BaseRecipe
 from experiments.paths import DEFAULT_DATA_ROOT
 from experiments.tasks import TaskSpec, task_spec
 from mora.adapters import AdapterConfig
@@ -18,7 +19,7 @@ from mora.restarts import RestartConfig, check_restarts
 from mora.validation import check_choice, check_float, check_int, check_known_fields
 
 SCALES = ("mini", "paper")
-MODEL_SOURCES = ("llama2c", "hub", "config")
+MODEL_SOURCES = ("llama2c", "hub", "config", "local_base")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULERS = ("linear", "cosine", "constant")  # jagged_cosine is derived from the method (ReLoRA/ReMoRA)
 DTYPES = ("float32", "bfloat16")
@@ -44,6 +45,9 @@ class ModelSpec:
     num_kv_heads: int | None = None
     max_position_embeddings: int | None = None
     tie_word_embeddings: bool = False
+    # source=local_base: the shape fields above plus this recipe (experiments/models/local_base.py):
+    # a base the repository pretrains once from the offline text, with ``tokenizer``'s vocabulary
+    pretrain: BaseRecipe | dict | None = None
 
 
 @dataclass(frozen=True)
@@ -118,19 +122,33 @@ def _model_spec(cfg: DictConfig) -> ModelSpec:
     m = OmegaConf.to_container(cfg.model, resolve=True)
     check_choice("model.source", m.get("source"), MODEL_SOURCES)
     needed = {"llama2c": ("path", "tokenizer"), "hub": ("hub_id",),
-              "config": ("intermediate_size", "num_layers", "num_heads")}[m["source"]]
+              "config": ("intermediate_size", "num_layers", "num_heads"),
+              "local_base": ("tokenizer", "intermediate_size", "num_layers", "num_heads", "pretrain")}[m["source"]]
     for key in needed:
         if not m.get(key):
             raise ValueError(f"model.{key} is required for model.source={m['source']!r} (model={m.get('name')})")
     check_int("model.hidden_size", m.get("hidden_size"))
     check_known_fields("model", m, ModelSpec.__dataclass_fields__)
-    if m["source"] == "config":
+    if m["source"] in ("config", "local_base"):
         for key in ("intermediate_size", "num_layers", "num_heads", "num_kv_heads", "max_position_embeddings"):
             if m.get(key) is not None:
                 check_int(f"model.{key}", m[key])
         if m["hidden_size"] % m["num_heads"]:
             raise ValueError(f"model.hidden_size={m['hidden_size']} must be divisible by model.num_heads={m['num_heads']}")
+    if m["source"] == "local_base":
+        m["pretrain"] = BaseRecipe.from_dict(m["pretrain"])   # a bad recipe fails here, not after the corpus is read
     return ModelSpec(**m)
+
+
+def model_spec(model_name: str) -> ModelSpec:
+    """The validated base model ``conf/model/<model_name>.yaml`` (its Hydra defaults list composed)."""
+    from hydra import compose, initialize_config_dir
+
+    from experiments.paths import REPO_ROOT
+
+    with initialize_config_dir(str(REPO_ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"model={model_name}"])
+    return _model_spec(cfg)
 
 
 # method fields that configure the training loop's restarts rather than the adapter layers

@@ -10,6 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from experiments.models.llama2c import load_llama2c
+from experiments.models.local_base import load_local_base
 from experiments.data.offline import DEFAULT_DATA_ROOT, verify_files
 from experiments.models.sp_tokenizer import load_sentencepiece_tokenizer
 
@@ -67,5 +68,7 @@ def load_model(spec, data_root: str | Path, dtype: str = "float32"):
         return model.to(DTYPES[dtype]), tokenizer
     if spec.source == "hub":
         return load_hub_model(spec.hub_id, DTYPES[dtype])
-    raise ValueError(f"model.source={spec.source!r} cannot be loaded by load_model (allowed: llama2c, hub); "
+    if spec.source == "local_base":
+        return load_local_base(spec, data_root, DTYPES[dtype])
+    raise ValueError(f"model.source={spec.source!r} cannot be loaded by load_model (allowed: llama2c, hub, local_base); "
                      "source=config models are built by build_llama_from_config")
