@@ -1,9 +1,12 @@
-"""``python -m analysis uuid|pretrain|finetune|regime|calibrate-uuid --runs results/runs --out reports/<name>``: the paper's figures and tables.
+"""``python -m analysis uuid|pretrain|finetune|regime|calibrate-uuid|uuid-pairs|c4-diagnosis|figures --runs results/runs --out reports/<name>``: the paper's figures and tables.
 
 ``uuid``: Fig. 2, Fig. 3 and Table 2 (UUID memorisation). ``pretrain``: Fig. 4, Table 3 and Fig. 5
 (C4 pretraining). ``finetune``: Tables 1, 4, 6 and 7 (fine-tuning, lm-eval scores). ``regime``: whether
 each `mini` experiment is in the paper's regime (presets, models and run folders). ``calibrate-uuid``: the
-UUID calibration rule of docs/calibration.md applied to the FFT and LoRA calibration runs. Reads run folders
+UUID calibration rule of docs/calibration.md applied to the FFT and LoRA calibration runs. ``uuid-pairs``: UUID
+accuracy and the MoRA − LoRA gap as the number of pairs grows. ``c4-diagnosis``: why LoRA ends below FFT in
+`mini` C4 pretraining (baselines under a finer lr grid, longer training, frozen embeddings). ``figures``: the
+README's figures (Fig. 2-5, the Table 1 bars) as PNGs under fixed names, into docs/figures/. Reads run folders
 only; exits 1 with a message when no run matches.
 """
 
@@ -17,10 +20,13 @@ from typing import Callable
 
 import yaml
 
+from analysis.c4_diagnosis import preset_train_tokens, write_diagnosis_report
 from analysis.calibration import write_calibration_report
+from analysis.pairs_sweep import write_sweep_report
 from analysis.pretrain_figures import (FIG5_THRESHOLD, group_pretrain_runs, load_pretrain_runs, lr_sweep_markdown,
                                       write_pretrain_report)
 from analysis.finetune_tables import load_finetune_runs, lr_sweep_markdown as finetune_lr_markdown, write_finetune_report
+from analysis.readme_figures import write_readme_figures
 from analysis.regime import write_report as write_regime_report
 from analysis.runs import load_runs
 from experiments.loop.records import find_runs
@@ -76,6 +82,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            help="calibration root (default: %(default)s)")
     calibrate.add_argument("--out", type=Path, default=Path("reports/calibration"),
                            help="output folder (default: %(default)s)")
+    sweep_pairs = sub.add_parser("uuid-pairs", help="UUID accuracy and the MoRA - LoRA gap vs the number of pairs: "
+                                 "pairs_sweep.{md,png,pdf}")
+    sweep_pairs.add_argument("--runs", type=Path, nargs="+", default=[Path("results/runs"), Path("results/pairs_sweep")],
+                             help="results roots, read together (default: %(default)s)")
+    sweep_pairs.add_argument("--out", type=Path, default=Path("reports/uuid"), help="output folder (default: %(default)s)")
+    diagnosis = sub.add_parser("c4-diagnosis", help="why LoRA ends below FFT in mini C4 pretraining: c4_diagnosis.md")
+    diagnosis.add_argument("--runs", type=Path, default=Path("results/c4_diagnosis"),
+                           help="diagnosis root (default: %(default)s)")
+    diagnosis.add_argument("--out", type=Path, default=Path("reports/c4_diagnosis"),
+                           help="output folder (default: %(default)s)")
+    figures = sub.add_parser("figures", help="the README's figures: docs/figures/<name>.png (make figures)")
+    figures.add_argument("--runs", type=Path, default=Path("tests/fixtures/measured"),
+                         help="results root (default: %(default)s, the runs behind the README)")
+    figures.add_argument("--out", type=Path, default=Path("docs/figures"), help="output folder (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.report == "pretrain" and args.smooth < 1:
         parser.error(f"--smooth must be at least 1, got {args.smooth}")
@@ -209,11 +229,51 @@ def calibrate_uuid_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def uuid_pairs_report(args: argparse.Namespace) -> int:
+    """Write the pairs sweep (table and figure) from every root given; 1 if there are no runs."""
+    start = time.perf_counter()
+    roots = [root for root in args.runs if root.is_dir()]
+    if not roots:
+        print(f"error: no runs: none of {', '.join(map(str, args.runs))} is a folder", file=sys.stderr)
+        return 1
+    try:
+        written = write_sweep_report(roots, args.out)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(written[0].read_text())
+    return _report_results(written, [], sum(len(find_runs(r, **{"task.name": "uuid"})) for r in roots), start)
+
+
+def c4_diagnosis_report(args: argparse.Namespace) -> int:
+    """Write the C4 diagnosis table (epochs counted on the preset's training split); 1 if there are no runs."""
+    start = time.perf_counter()
+    if _no_runs_folder(args.runs):
+        return 1
+    try:
+        path = write_diagnosis_report(args.runs, args.out, preset_train_tokens())
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(path.read_text())
+    print(f"wrote {path} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def figures_report(args: argparse.Namespace) -> int:
+    """Draw the README's figures from the runs; 1 if none could be drawn."""
+    start = time.perf_counter()
+    if _no_runs_folder(args.runs):
+        return 1
+    return _report_results(*write_readme_figures(args.runs, args.out), start)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     return {"uuid": uuid_report, "pretrain": pretrain_report, "pretrain-lr": pretrain_lr_report,
             "finetune": finetune_report, "finetune-lr": finetune_lr_report, "regime": regime_report,
-            "calibrate-uuid": calibrate_uuid_report}[args.report](args)
+            "calibrate-uuid": calibrate_uuid_report, "figures": figures_report, "uuid-pairs": uuid_pairs_report,
+            "c4-diagnosis": c4_diagnosis_report}[args.report](args)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ PAPER_TABLE1_TASK_COLUMNS = {"tulu": (0, 1), "metamath": (2, 3), "biomed": (4,),
 # r = 256; the other methods have none.
 TABLE1_OPERATORS: dict[tuple[str, int], str] = {("mora", 8): "rotate", ("mora", 256): "share"}
 TABLE1_METHODS = ("lora", "loraplus", "relora", "asylora", "dora", "mora")
+TABLE1_RANKS = (8, 256)
 
 # Table 4: GSM8K by operator at r = 8 and r = 256.
 PAPER_TABLE4: dict[str, tuple[str, float, float]] = {
@@ -292,7 +293,7 @@ def _lr_notes(cells: dict[ArmKey, Cell], order: Sequence[ArmKey]) -> str:
 def table1_arms() -> list[ArmKey]:
     """Table 1's row order: FFT, then each method at r = 8, then at r = 256 (MoRA with its Section 5.2.2 operator)."""
     arms = [ArmKey("fft", None, None)]
-    for rank in (8, 256):
+    for rank in TABLE1_RANKS:
         arms += [ArmKey(m, TABLE1_OPERATORS.get((m, rank)), rank) for m in TABLE1_METHODS]
     return arms
 
@@ -417,36 +418,60 @@ def lr_sweep_markdown(runs: Sequence[FinetuneRun]) -> str:
     return "\n".join(out)
 
 
+# The Table 1 bars: one colour per rank, as Fig. 3 colours its ranks; FFT (no rank) grey.
+TABLE1_BAR_COLORS: dict[int | None, str] = {None: "0.35", **{r: f"C{i}" for i, r in enumerate(TABLE1_RANKS)}}
+
+
+def _bar_legend(arm: ArmKey) -> str:
+    """``FFT``, or ``r = 8 (MoRA: rotate)``: the arm's rank, with the operator Table 1 runs MoRA with at it."""
+    if arm.rank is None:
+        return arm_label(arm)
+    operators = ", ".join(f"{method_label(ArmKey(m, None, r))}: {op}" for (m, r), op in TABLE1_OPERATORS.items()
+                          if r == arm.rank)
+    return f"r = {arm.rank}" + (f" ({operators})" if operators else "")
+
+
+def _draw_table1_bars(ax, cells: dict[ArmKey, Cell], metric: Metric) -> None:
+    """One group of bars per method (FFT first), r = 8 left of r = 256; mean ± std over seeds."""
+    arms = [a for a in table1_arms() if a in cells]
+    methods = list(dict.fromkeys(a.method for a in arms))
+    width, shown = 0.4, set()
+    for arm in arms:
+        offset = 0.0 if arm.rank is None else width * (TABLE1_RANKS.index(arm.rank) - 0.5)
+        stat = cells[arm].stats[metric]
+        ax.bar(methods.index(arm.method) + offset, stat.mean, width, color=TABLE1_BAR_COLORS[arm.rank],
+               yerr=0.0 if math.isnan(stat.std) else stat.std, capsize=3,
+               label=None if arm.rank in shown else _bar_legend(arm))
+        shown.add(arm.rank)
+    ax.set_xticks(range(len(methods)), [method_label(ArmKey(m, None, None)) for m in methods], fontsize=8)
+    finite = [cells[a].stats[metric].mean for a in arms if not math.isnan(cells[a].stats[metric].mean)]
+    if finite and not metric.percent:  # NLLs differ in the second decimal: zoom onto the bars
+        span = max(finite) - min(finite) or 0.1
+        ax.set_ylim(min(finite) - 0.5 * span, max(finite) + 0.5 * span)
+
+
 def plot_table1(runs: Sequence[FinetuneRun], out_path: str | Path | None = None):
-    """Table 1 as a figure: one panel per task, one bar per arm (its task's primary score, mean ± std
-    over seeds), FFT first, r = 8 arms light and r = 256 arms dark. Saved as PNG and PDF at ``out_path``."""
-    from analysis.plotting import save_figure  # matplotlib only when a figure is drawn
-    import matplotlib.pyplot as plt
+    """Table 1 as a grouped bar chart: one panel per task, its primary score (mean ± std over seeds) per
+    method, FFT (grey) first, each method's r = 8 (blue) beside its r = 256 (orange). Saves ``<stem>.png``
+    and ``.pdf`` when ``out_path`` is given; returns the figure (drawn without pyplot)."""
+    from analysis.plotting import new_figure, save_figure  # matplotlib only when a figure is drawn
 
     cells_by_task = {t: cells_by_arm(runs, t) for t in FINETUNE_TASKS}
     tasks = [t for t in FINETUNE_TASKS if cells_by_task[t]]
     if not tasks:
         raise ValueError("the Table 1 figure needs completed fine-tuning runs with lm-eval scores; none found")
-    fig, axes = plt.subplots(1, len(tasks), figsize=(max(6.5, 5.5 * len(tasks)), 4.4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        cells, metric = cells_by_task[task], present_metrics(task, [r for r in runs if r.task == task])[0]
-        arms = [a for a in table1_arms() if a in cells]
-        stats = [cells[a].stats[metric] for a in arms]
-        colors = ["0.35" if a.rank is None else ("tab:blue" if a.rank == 8 else "tab:orange") for a in arms]
-        ax.bar(range(len(arms)), [s.mean for s in stats], color=colors,
-               yerr=[0.0 if math.isnan(s.std) else s.std for s in stats], capsize=3)
-        ax.set_xticks(range(len(arms)), [arm_label(a).replace(" (", "\n(") + ("" if a.rank is None else f"\nr={a.rank}")
-                                         for a in arms], fontsize=7)
-        finite = [s.mean for s in stats if not math.isnan(s.mean)]
-        if finite and not metric.percent:  # NLLs differ in the second decimal: zoom onto the bars
-            span = max(finite) - min(finite) or 0.1
-            ax.set_ylim(min(finite) - 0.5 * span, max(finite) + 0.5 * span)
-        ax.set_title(task)
+    fig = new_figure(max(6.5, 4.6 * len(tasks)), 4.0)
+    for i, task in enumerate(tasks):
+        metric = present_metrics(task, [r for r in runs if r.task == task])[0]
+        ax = fig.add_subplot(1, len(tasks), i + 1)
+        _draw_table1_bars(ax, cells_by_task[task], metric)
         ax.set_ylabel(metric.label)
+        ax.set_title(task, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
     seeds = sorted({len(c.runs) for t in tasks for c in cells_by_task[t].values()})
-    fig.suptitle(f"Table 1, {'/'.join(sorted({r.scale for r in runs}))} scale: mean ± std over "
-                 f"{'/'.join(map(str, seeds))} seeds (grey FFT, blue r=8, orange r=256)", fontsize=10)
-    fig.tight_layout()
+    fig.suptitle(f"Table 1 — fine-tuning, each task's primary score ({'/'.join(sorted({r.scale for r in runs}))} "
+                 f"scale; mean ± std over {'/'.join(map(str, seeds))} seeds)", fontsize=11)
     if out_path is not None:
         save_figure(fig, out_path)
     return fig
@@ -470,9 +495,7 @@ def write_finetune_report(runs: Sequence[FinetuneRun], out_dir: str | Path) -> t
         (out_dir / name).write_text(text)
         written.append(out_dir / name)
     try:
-        import matplotlib.pyplot as plt
-
-        plt.close(plot_table1(runs, out_dir / "table1"))
+        plot_table1(runs, out_dir / "table1")
         written += [out_dir / "table1.png", out_dir / "table1.pdf"]
     except ValueError as err:
         skipped.append(f"table1.png: {err}")

@@ -16,6 +16,7 @@ from analysis.runs import Group
 
 # One style per operator of a method, in the operators' name order; dashes stay free for LoRA (Fig. 3).
 OPERATOR_LINE_STYLES = ("-", "-.", ":", (0, (5, 1)))
+PNG_DPI = 150
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -25,12 +26,19 @@ def new_figure(width: float, height: float) -> Figure:
     return fig
 
 
+def save_png(fig: Figure, png: str | Path) -> Path:
+    """Write ``fig`` as a PNG at :data:`PNG_DPI` without the "Software" entry (matplotlib's version), so
+    the file holds the drawing only: drawing the same runs again gives the same bytes."""
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=PNG_DPI, metadata={"Software": None})
+    return png
+
+
 def save_figure(fig: Figure, out_path: str | Path) -> tuple[Path, Path]:
-    """Write ``fig`` as PNG and PDF with the stem of ``out_path``; returns both paths."""
+    """Write ``fig`` as PNG (:func:`save_png`) and PDF with the stem of ``out_path``; returns both paths."""
     stem = Path(out_path).with_suffix("")
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    png, pdf = stem.with_suffix(".png"), stem.with_suffix(".pdf")
-    fig.savefig(png, dpi=150)
+    png, pdf = save_png(fig, stem.with_suffix(".png")), stem.with_suffix(".pdf")
     fig.savefig(pdf)
     return png, pdf
 
