@@ -1,11 +1,12 @@
-"""``python -m analysis uuid|pretrain|finetune|regime|calibrate-uuid|uuid-pairs|c4-diagnosis|figures --runs results/runs --out reports/<name>``: the paper's figures and tables.
+"""``python -m analysis uuid|pretrain|finetune|regime|calibrate-uuid|uuid-pairs|c4-diagnosis|best-lr|figures --runs results/runs --out reports/<name>``: the paper's figures and tables.
 
 ``uuid``: Fig. 2, Fig. 3 and Table 2 (UUID memorisation). ``pretrain``: Fig. 4, Table 3 and Fig. 5
 (C4 pretraining). ``finetune``: Tables 1, 4, 6 and 7 (fine-tuning, lm-eval scores). ``regime``: whether
 each `mini` experiment is in the paper's regime (presets, models and run folders). ``calibrate-uuid``: the
 UUID calibration rule of docs/calibration.md applied to the FFT and LoRA calibration runs. ``uuid-pairs``: UUID
 accuracy and the MoRA − LoRA gap as the number of pairs grows. ``c4-diagnosis``: why LoRA ends below FFT in
-`mini` C4 pretraining (baselines under a finer lr grid, longer training, frozen embeddings). ``figures``: the
+`mini` C4 pretraining (baselines under a finer lr grid, longer training, frozen embeddings). ``best-lr``: the learning rate Table 2's
+rule chooses for one arm (the pairs sweep reads it). ``figures``: the
 README's figures (Fig. 2-5, the Table 1 bars) as PNGs under fixed names, into docs/figures/. Reads run folders
 only; exits 1 with a message when no run matches.
 """
@@ -28,7 +29,7 @@ from analysis.pretrain_figures import (FIG5_THRESHOLD, group_pretrain_runs, load
 from analysis.finetune_tables import load_finetune_runs, lr_sweep_markdown as finetune_lr_markdown, write_finetune_report
 from analysis.readme_figures import write_readme_figures
 from analysis.regime import write_report as write_regime_report
-from analysis.runs import load_runs
+from analysis.runs import load_runs, select_learning_rates
 from experiments.loop.records import find_runs
 from analysis.uuid_figures import write_uuid_report
 
@@ -92,6 +93,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            help="diagnosis root (default: %(default)s)")
     diagnosis.add_argument("--out", type=Path, default=Path("reports/c4_diagnosis"),
                            help="output folder (default: %(default)s)")
+    best = sub.add_parser("best-lr", help="print the learning rate Table 2's rule chooses for one arm (for the Makefile)")
+    best.add_argument("--runs", type=Path, default=Path("results/runs"), help="results root (default: %(default)s)")
+    best.add_argument("--method", required=True, help="method name, e.g. lora")
+    best.add_argument("--rank", type=int, default=None, help="paper rank (omit for FFT)")
+    best.add_argument("--where", type=_filter, action="append", default=[], metavar="KEY=VALUE",
+                      help="keep runs whose config has this dotted key's value, e.g. task.n_pairs=40")
     figures = sub.add_parser("figures", help="the README's figures: docs/figures/<name>.png (make figures)")
     figures.add_argument("--runs", type=Path, default=Path("tests/fixtures/measured"),
                          help="results root (default: %(default)s, the runs behind the README)")
@@ -260,6 +267,25 @@ def c4_diagnosis_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def best_lr_report(args: argparse.Namespace) -> int:
+    """Print the chosen learning rate of one UUID arm (:data:`analysis.runs.SELECTION_RULE`); 1 if none."""
+    if _no_runs_folder(args.runs):
+        return 1
+    try:
+        runs = [r for r in load_runs(args.runs, task="uuid", **dict(args.where))
+                if r.method == args.method and r.rank == args.rank]
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    chosen = [s.chosen for s in select_learning_rates(runs) if s.chosen]
+    if len(chosen) != 1:
+        print(f"error: {len(chosen)} arms of method={args.method} rank={args.rank} with an eligible learning rate under "
+              f"{args.runs} (filters={dict(args.where) or 'none'}); expected exactly one", file=sys.stderr)
+        return 1
+    print(f"{chosen[0].lr:g}")
+    return 0
+
+
 def figures_report(args: argparse.Namespace) -> int:
     """Draw the README's figures from the runs; 1 if none could be drawn."""
     start = time.perf_counter()
@@ -273,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     return {"uuid": uuid_report, "pretrain": pretrain_report, "pretrain-lr": pretrain_lr_report,
             "finetune": finetune_report, "finetune-lr": finetune_lr_report, "regime": regime_report,
             "calibrate-uuid": calibrate_uuid_report, "figures": figures_report, "uuid-pairs": uuid_pairs_report,
-            "c4-diagnosis": c4_diagnosis_report}[args.report](args)
+            "c4-diagnosis": c4_diagnosis_report, "best-lr": best_lr_report}[args.report](args)
 
 
 if __name__ == "__main__":

@@ -60,3 +60,11 @@ def test_mixed_batches_at_one_n_are_refused(root):
     write_run(root, 20, "lora", 8, 3e-2, 0, [1, 2, 3, 4], batch=5)
     with pytest.raises(ValueError, match="several batch sizes"):
         load_sweep([root])
+
+
+def test_best_lr_prints_the_chosen_rate_of_one_arm(root, capsys):
+    from analysis.__main__ import main
+
+    assert main(["best-lr", "--runs", str(root), "--method", "mora", "--rank", "8", "--where", "task.n_pairs=20"]) == 0
+    assert capsys.readouterr().out.strip() == "0.005"
+    assert main(["best-lr", "--runs", str(root), "--method", "dora", "--rank", "8", "--where", "task.n_pairs=20"]) == 1
