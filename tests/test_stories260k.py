@@ -16,7 +16,7 @@ from experiments.models.loading import STORIES260K, load_stories260k
 from experiments.data.offline import DEFAULT_DATA_ROOT, OfflineDataError, verify_files
 from experiments.models.sp_tokenizer import SPACE, encode_characters
 
-DOCUMENTED = "Once upon a time, there was a little girl named Lily"  # ../shared/data/README.md
+DOCUMENTED = "Once upon a time, there was a little girl named Lily"  # data/README.md
 TOKENIZER_MODEL = DEFAULT_DATA_ROOT / STORIES260K[1]
 TEXTS = [
     "Once upon a time",

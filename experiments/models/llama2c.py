@@ -1,6 +1,6 @@
 """Load a llama2.c checkpoint (Karpathy's format) as a Hugging Face ``LlamaForCausalLM``.
 
-Format (see ../shared/data/README.md): seven int32 (dim, hidden_dim, n_layers, n_heads,
+Format (llama2.c's version-0 export): seven int32 (dim, hidden_dim, n_layers, n_heads,
 n_kv_heads, vocab_size, max_seq_len; vocab_size < 0 means an unshared classifier), then float32
 tensors in PyTorch ``(out, in)`` layout: token embedding, attention RMSNorms, wq, wk, wv, wo, FFN
 RMSNorms, w1, w2, w3, final RMSNorm, two legacy RoPE tables, and the classifier if unshared.
