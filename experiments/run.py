@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from experiments.models.loading import build_llama_from_config, load_model  # noqa: E402
-from experiments.loop.records import RunRecord, process_rank  # noqa: E402
+from experiments.loop.records import RunRecord, config_differences, process_rank  # noqa: E402
 from experiments.schema import RunConfig, build_run_config  # noqa: E402
 from experiments.loop.trackers import make_tracker  # noqa: E402
 from experiments.loop.training import DivergedError, train  # noqa: E402
@@ -50,8 +50,18 @@ def describe_adapters(model, run: RunConfig) -> str:
 def execute(cfg: DictConfig) -> dict:
     """Run one configured experiment; returns its summary."""
     run = build_run_config(cfg, torch.cuda.is_available())
+    config = OmegaConf.to_container(cfg, resolve=True) | {"resolved": {
+        "lr": run.lr, "out_dir": str(run.out_dir), "effective_rank": run.rank.rank,
+        "rank_representable": run.rank.representable, "rank_mapping": run.rank.describe(),
+        "scheduler": run.train.scheduler, "alpha": run.adapter.alpha}}
     previous = run.out_dir / "summary.json"
     if cfg.get("skip_completed") and previous.exists() and json.loads(previous.read_text()).get("status") == "completed":
+        # a folder name says method, rank, lr and seed only: a run of another preset (other pairs, model,
+        # steps) can sit under the same name, and skipping it would report the wrong experiment
+        differences = config_differences(run.out_dir, config, RESUMABLE_KEYS)
+        if differences:
+            raise ValueError(f"skip_completed: {run.out_dir} holds a completed run of another config "
+                             f"({'; '.join(differences)}); move it away or choose another out_root")
         print(f"[skipped] {run.out_dir} is already complete (skip_completed=true)")
         return json.loads(previous.read_text())
     torch.manual_seed(run.seed)
@@ -62,10 +72,6 @@ def execute(cfg: DictConfig) -> dict:
     if main_process:
         print(describe_adapters(model, run))
         print(task.describe())
-    config = OmegaConf.to_container(cfg, resolve=True) | {"resolved": {
-        "lr": run.lr, "out_dir": str(run.out_dir), "effective_rank": run.rank.rank,
-        "rank_representable": run.rank.representable, "rank_mapping": run.rank.describe(),
-        "scheduler": run.train.scheduler, "alpha": run.adapter.alpha}}
     record = RunRecord.create(run.out_dir, config, resume=run.resume, ignore_on_resume=RESUMABLE_KEYS)
     tracker = make_tracker(run.logger.get("kind", "none"), **_tracker_kwargs(run, config))
     start, status = time.time(), "completed"

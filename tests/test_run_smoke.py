@@ -278,3 +278,13 @@ def test_resume_with_a_changed_config_is_refused(tmp_path):
     again = execute(compose(*first, "resume=true"))  # resuming a finished run keeps its results
     assert again["status"] == "completed" and again["final"] == done["final"]
     assert read_run(out)["summary"]["final"]["eval/char_accuracy"] == done["final"]["eval/char_accuracy"]
+
+
+def test_skip_completed_skips_the_same_run_and_refuses_another_config_under_the_same_name(tmp_path):
+    args = ["method=lora", "rank=8", *TINY, f"out_root={tmp_path}", "skip_completed=true"]
+    first = execute(compose(*args))
+    again = execute(compose(*args))                            # the same config: skipped, the saved summary returned
+    assert again["final"] == first["final"] and again["finished_at"] == read_run(next(tmp_path.rglob("summary.json")).parent)["summary"]["finished_at"]
+    # the folder name (method, rank, lr, seed) is the same, the experiment is not: never count it as done
+    with pytest.raises(ValueError, match=r"another config \(task.n_pairs: 8 -> 12"):
+        execute(compose(*args, "task.n_pairs=12"))

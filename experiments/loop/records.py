@@ -263,14 +263,20 @@ def _covered(key: str, prefixes: tuple[str, ...]) -> bool:
     return any(key == p or key.startswith(f"{p}.") for p in prefixes)
 
 
+def config_differences(run_dir: Path, config: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """``"key: old -> new"`` for every dotted key (outside ``ignore``) where ``config`` differs from
+    the ``config.yaml`` saved in ``run_dir``."""
+    old = flatten(yaml.safe_load((Path(run_dir) / CONFIG).read_text()) or {})
+    new = flatten(yaml.safe_load(yaml.safe_dump(config)) or {})  # compare as YAML reads back
+    return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
+            for k in sorted(old.keys() | new.keys())
+            if not _covered(k, ignore) and old.get(k, _MISSING) != new.get(k, _MISSING)]
+
+
 def _check_resumable(run_dir: Path, config: dict, ignore: tuple[str, ...]) -> None:
     """Raise ValueError naming every dotted key (outside ``ignore``) where ``config`` differs
     from the saved ``config.yaml``."""
-    old = flatten(yaml.safe_load((run_dir / CONFIG).read_text()) or {})
-    new = flatten(yaml.safe_load(yaml.safe_dump(config)) or {})  # compare as YAML reads back
-    diffs = [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
-             for k in sorted(old.keys() | new.keys())
-             if not _covered(k, ignore) and old.get(k, _MISSING) != new.get(k, _MISSING)]
+    diffs = config_differences(run_dir, config, ignore)
     if diffs:
         raise ValueError(f"cannot resume {run_dir}: config differs from its config.yaml at "
                          f"{'; '.join(diffs)} (only {list(ignore)} may change on resume)")
