@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: install test test-fast bench rank-table fig2 fig3 table2 uuid fig4 table3 fig5 pretrain pretrain-lr-sweep \
         table1 table1-instruct table1-math table1-biomed table4 table6 table7 finetune finetune-lr-sweep \
-        all snapshot regime figures calibrate-uuid calibrate-uuid-epochs calibrate-uuid-base base c4-diagnosis clean
+        all snapshot regime figures calibrate-uuid calibrate-uuid-epochs calibrate-uuid-base base c4-diagnosis uuid-pairs-sweep clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,30 +34,53 @@ bench: $(STAMP)
 rank-table: $(STAMP)
 	$(PY) -m mora.rank_table
 
-# ---- UUID memorisation (Section 3, Section 5.1), mini scale: ~1 min per run on 2 CPU cores.
-# Runs already completed are skipped, so the three targets share their runs.
-RUN    := $(PY) experiments/run.py -m experiment=uuid_memory
+# ---- UUID memorisation (Section 3, Section 5.1), mini scale: conf/preset/uuid_mini.yaml, calibrated from the
+# baselines alone (docs/calibration.md). Every arm runs every learning rate of its grid (lr_grid_by_method in
+# the preset, read by experiments/lr_grid.py) at every seed; the reports keep each arm's best rate (Table 2's
+# rule). JOBS runs at once, one thread each; completed runs are skipped, so the targets share their runs.
+RUN     = OMP_NUM_THREADS=1 $(PY) experiments/run.py -m hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS) experiment=uuid_memory
+LR_GRID = $$($(PY) experiments/lr_grid.py task=uuid method=$(1))
 SEEDS  ?= 0,1,2
 REPORT := $(PY) -m analysis uuid --runs results/runs --out reports/uuid
 
-## Fig. 2: FFT and LoRA at several ranks (mini: paper ranks 8, 128, 256 -> 1, 2, 4)
-fig2: $(STAMP)
-	$(RUN) method=fft seed=$(SEEDS)
-	$(RUN) method=lora rank=8,128,256 seed=$(SEEDS)
+## Fig. 2: FFT and LoRA at paper ranks 8, 128, 256, each over its grid
+fig2: base
+	$(RUN) method=fft lr=$(call LR_GRID,fft) seed=$(SEEDS)
+	$(RUN) method=lora rank=8,128,256 lr=$(call LR_GRID,lora) seed=$(SEEDS)
 	$(REPORT)
 
-## Fig. 3: LoRA vs MoRA at ranks 8 and 256
-fig3: $(STAMP)
-	$(RUN) method=lora,mora rank=8,256 seed=$(SEEDS)
+## Fig. 3: LoRA vs MoRA at ranks 8 and 256, each over its grid
+fig3: base
+	$(RUN) method=lora rank=8,256 lr=$(call LR_GRID,lora) seed=$(SEEDS)
+	$(RUN) method=mora rank=8,256 lr=$(call LR_GRID,mora) seed=$(SEEDS)
 	$(REPORT)
 
-## Table 2: character accuracy over steps, FFT / LoRA / MoRA at ranks 8 and 256
-table2: $(STAMP)
-	$(RUN) method=fft seed=$(SEEDS)
-	$(RUN) method=lora,mora rank=8,256 seed=$(SEEDS)
+## Table 2: character accuracy over steps, FFT / LoRA / MoRA at ranks 8 and 256 (45 runs: 5 arms x 3 rates x 3 seeds)
+table2: base
+	$(RUN) method=fft lr=$(call LR_GRID,fft) seed=$(SEEDS)
+	$(RUN) method=lora rank=8,256 lr=$(call LR_GRID,lora) seed=$(SEEDS)
+	$(RUN) method=mora rank=8,256 lr=$(call LR_GRID,mora) seed=$(SEEDS)
 	$(REPORT)
 
-uuid: fig2 fig3 table2
+## beyond the paper (issue 12, item 4): Table 2's arms as the number of pairs grows (batch = 0.3 N), each at its
+## Table 2 learning rate (analysis best-lr reads it from Table 2's runs), 3 seeds; the preset's own N is
+## Table 2's runs. results/pairs_sweep/pairs<N>/, reports/uuid/pairs_sweep.{md,png}
+SWEEP_PAIRS ?= 20 40 80 120
+BEST_LR = $$($(PY) -m analysis best-lr --runs results/runs --method $(1) $(2))
+uuid-pairs-sweep: table2
+	preset_pairs=$$($(PY) experiments/config_value.py task.n_pairs task=uuid); \
+	for n in $(SWEEP_PAIRS); do \
+	  [ "$$n" = "$$preset_pairs" ] && continue; \
+	  opts="task.n_pairs=$$n train.batch_size=$$((n * 3 / 10)) seed=$(SEEDS) out_root=results/pairs_sweep/pairs$$n"; \
+	  $(RUN) method=fft lr=$(call BEST_LR,fft) $$opts || exit 1; \
+	  for r in 8 256; do \
+	    $(RUN) method=lora rank=$$r lr=$(call BEST_LR,lora,--rank $$r) $$opts || exit 1; \
+	    $(RUN) method=mora rank=$$r lr=$(call BEST_LR,mora,--rank $$r) $$opts || exit 1; \
+	  done; \
+	done
+	$(PY) -m analysis uuid-pairs --runs results/runs results/pairs_sweep --out reports/uuid
+
+uuid: fig2 fig3 table2 uuid-pairs-sweep
 
 # ---- C4 pretraining from scratch (Section 5.3, Appendix B), mini scale. The three targets share
 # their runs (completed runs are skipped); every run saves its loss curve, perplexity and ΔW spectra.

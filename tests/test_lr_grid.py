@@ -25,3 +25,12 @@ def test_the_script_prints_a_hydra_sweep_value():
     out = subprocess.run([sys.executable, "experiments/lr_grid.py", "task=uuid", "scale=paper", "method=mora"],
                          cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
     assert out == "5e-05,0.0001,0.0002"
+
+
+def test_config_value_reads_the_composed_config():
+    from experiments.config_value import config_value
+
+    assert config_value("task.n_pairs", ["task=uuid", "scale=paper"]) == 10000
+    assert config_value("train.eval_steps", ["task=uuid", "scale=paper"]) == [300, 500, 700, 900]
+    with pytest.raises(KeyError, match="task.nope"):
+        config_value("task.nope", ["task=uuid"])
