@@ -65,7 +65,7 @@ table2: base
 ## beyond the paper (issue 12, item 4): Table 2's arms as the number of pairs grows (batch = 0.3 N), each at its
 ## Table 2 learning rate (analysis best-lr reads it from Table 2's runs), 3 seeds; the preset's own N is
 ## Table 2's runs. results/pairs_sweep/pairs<N>/, reports/uuid/pairs_sweep.{md,png}
-SWEEP_PAIRS ?= 20 40 80 120
+SWEEP_PAIRS ?= 10 20 40 80
 BEST_LR = $$($(PY) -m analysis best-lr --runs results/runs --method $(1) $(2))
 uuid-pairs-sweep: table2
 	preset_pairs=$$($(PY) experiments/config_value.py task.n_pairs task=uuid); \
