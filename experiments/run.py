@@ -31,6 +31,11 @@ from mora.adapters import LLAMA_TARGETS, adapter_summary, inject_adapters, train
 
 # config keys that may change between a run and its resumption
 RESUMABLE_KEYS = ("resume", "logger", "device", "skip_completed")
+# and keys that do not change what a completed run measured, so skip_completed may reuse it across them:
+# the preset's learning-rate tables (the rate the run used is compared as resolved.lr) and the evaluation
+# batch size (UUID prompts have equal lengths and C4 blocks are scored token by token, so batching only
+# changes speed)
+SKIP_IGNORED_KEYS = RESUMABLE_KEYS + ("lr_by_method", "lr_grid_by_method", "task.eval_batch_size")
 
 
 def describe_adapters(model, run: RunConfig) -> str:
@@ -58,7 +63,7 @@ def execute(cfg: DictConfig) -> dict:
     if cfg.get("skip_completed") and previous.exists() and json.loads(previous.read_text()).get("status") == "completed":
         # a folder name says method, rank, lr and seed only: a run of another preset (other pairs, model,
         # steps) can sit under the same name, and skipping it would report the wrong experiment
-        differences = config_differences(run.out_dir, config, RESUMABLE_KEYS)
+        differences = config_differences(run.out_dir, config, SKIP_IGNORED_KEYS)
         if differences:
             raise ValueError(f"skip_completed: {run.out_dir} holds a completed run of another config "
                              f"({'; '.join(differences)}); move it away or choose another out_root")

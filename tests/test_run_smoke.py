@@ -288,3 +288,12 @@ def test_skip_completed_skips_the_same_run_and_refuses_another_config_under_the_
     # the folder name (method, rank, lr, seed) is the same, the experiment is not: never count it as done
     with pytest.raises(ValueError, match=r"another config \(task.n_pairs: 8 -> 12"):
         execute(compose(*args, "task.n_pairs=12"))
+
+
+def test_skip_completed_reuses_a_run_across_keys_that_do_not_change_it(tmp_path):
+    args = ["method=lora", "rank=8", *TINY, f"out_root={tmp_path}", "skip_completed=true", "lr=0.01"]
+    execute(compose(*args))
+    (metrics,) = tmp_path.rglob("metrics.jsonl")
+    written = metrics.stat().st_mtime_ns
+    again = execute(compose(*args, "task.eval_batch_size=2", "lr_by_method.lora=0.5"))
+    assert again["status"] == "completed" and metrics.stat().st_mtime_ns == written   # skipped, not rerun
