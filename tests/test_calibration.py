@@ -116,3 +116,10 @@ def test_docs_show_the_report_of_the_round_2_calibration_runs():
     rendered = calibration_markdown(load_calibration(REPO / "tests" / "fixtures" / "calibration_uuid_r2"))
     docs = (REPO / "docs" / "calibration.md").read_text()
     assert rendered in docs.split("Amendment 1 (written before round 2's runs)", 1)[1]
+
+
+def test_docs_show_the_report_of_the_round_3_calibration_runs():
+    """docs/calibration.md (round 3, on the wider base) carries the report rendered from tests/fixtures/calibration_uuid_r3."""
+    rendered = calibration_markdown(load_calibration(REPO / "tests" / "fixtures" / "calibration_uuid_r3"))
+    docs = (REPO / "docs" / "calibration.md").read_text()
+    assert rendered in docs.split("## Round 3 (Amendment 2's base)", 1)[1]
