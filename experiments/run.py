@@ -4,13 +4,18 @@ Composes the Hydra config (conf/), validates it into typed objects before any ex
 builds the model, injects the method's adapters, trains, evaluates, and writes one run folder
 (config, metrics.jsonl, summary.json, environment.json, checkpoint). Paper scale:
 ``scale=paper`` (GPUs + hub access), multi-GPU with ``accelerate launch experiments/run.py ...``.
+
+A bad input (a value the config refuses, a folder that holds another run, a damaged checkpoint)
+ends the run with one line on stderr naming the field, the value and what is allowed, and exit
+code 2; ``MORA_DEBUG=1 python experiments/run.py ...`` shows the full traceback instead.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
-import time
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
@@ -21,13 +26,17 @@ from omegaconf import DictConfig, OmegaConf
 # folder, whose package names (data, models, ...) must not shadow installed libraries
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from experiments.models.loading import build_llama_from_config, load_model  # noqa: E402
-from experiments.loop.records import RunRecord, config_differences, process_rank  # noqa: E402
+from experiments.data.offline import OfflineDataError  # noqa: E402
+from experiments.models.loading import build_llama_from_config, load_model, model_skeleton  # noqa: E402
+from experiments.loop.checkpoint import CHECKPOINT, check_checkpoint  # noqa: E402
+from experiments.loop.records import (CONFIG, RunRecord, check_run_folder, config_differences,  # noqa: E402
+                                      process_rank)
 from experiments.schema import RunConfig, build_run_config  # noqa: E402
 from experiments.loop.trackers import make_tracker  # noqa: E402
 from experiments.loop.training import DivergedError, train  # noqa: E402
 from experiments.tasks import Task, build_task  # noqa: E402
-from mora.adapters import LLAMA_TARGETS, adapter_summary, inject_adapters, trainable_parameter_count  # noqa: E402
+from mora.adapters import (LLAMA_TARGETS, adapter_summary, check_targets, inject_adapters,  # noqa: E402
+                           trainable_parameter_count)
 
 # config keys that may change between a run and its resumption
 RESUMABLE_KEYS = ("resume", "logger", "device", "skip_completed")
@@ -36,6 +45,8 @@ RESUMABLE_KEYS = ("resume", "logger", "device", "skip_completed")
 # batch size (UUID prompts have equal lengths and C4 blocks are scored token by token, so batching only
 # changes speed)
 SKIP_IGNORED_KEYS = RESUMABLE_KEYS + ("lr_by_method", "lr_grid_by_method", "task.eval_batch_size")
+# errors in what the user asked for: one line, not a traceback (main)
+INPUT_ERRORS = (ValueError, OSError, OfflineDataError)
 
 
 def describe_adapters(model, run: RunConfig) -> str:
@@ -59,16 +70,10 @@ def execute(cfg: DictConfig) -> dict:
         "lr": run.lr, "out_dir": str(run.out_dir), "effective_rank": run.rank.rank,
         "rank_representable": run.rank.representable, "rank_mapping": run.rank.describe(),
         "scheduler": run.train.scheduler, "alpha": run.adapter.alpha}}
-    previous = run.out_dir / "summary.json"
-    if cfg.get("skip_completed") and previous.exists() and json.loads(previous.read_text()).get("status") == "completed":
-        # a folder name says method, rank, lr and seed only: a run of another preset (other pairs, model,
-        # steps) can sit under the same name, and skipping it would report the wrong experiment
-        differences = config_differences(run.out_dir, config, SKIP_IGNORED_KEYS)
-        if differences:
-            raise ValueError(f"skip_completed: {run.out_dir} holds a completed run of another config "
-                             f"({'; '.join(differences)}); move it away or choose another out_root")
-        print(f"[skipped] {run.out_dir} is already complete (skip_completed=true)")
-        return json.loads(previous.read_text())
+    run, done = skip_or_resume(run, config)
+    if done is not None:
+        return done
+    check_before_loading(run, config)
     torch.manual_seed(run.seed)
     model, task = build_model_and_task(run)
     inject_adapters(model, run.adapter)
@@ -79,7 +84,7 @@ def execute(cfg: DictConfig) -> dict:
         print(task.describe())
     record = RunRecord.create(run.out_dir, config, resume=run.resume, ignore_on_resume=RESUMABLE_KEYS)
     tracker = make_tracker(run.logger.get("kind", "none"), **_tracker_kwargs(run, config))
-    start, status = time.time(), "completed"
+    status = "completed"
     try:
         final = train(model, task, run.adapter, run.train, run.lr, record, tracker, device=run.device,
                       resume=run.resume, restarts=run.restarts)
@@ -91,13 +96,48 @@ def execute(cfg: DictConfig) -> dict:
         final, status = {"error": str(err)}, "diverged"
     finally:
         tracker.finish()
-    summary = {"status": status, "final": final, "train_seconds": time.time() - start,
+    # the record's clock: every session of a resumed run, up to the state it continued from
+    summary = {"status": status, "final": final, "train_seconds": round(record.elapsed(), 3),
                "trainable_parameters": trainable_parameter_count(model)}
     record.write_summary(summary)
     if main_process:
-        print(f"[{status}] {run.out_dir} :: " + ", ".join(f"{k}={v:.4g}" for k, v in final.items()
-                                                           if isinstance(v, float)))
+        print(f"[{status}] {run.out_dir} :: " + (final["error"] if status == "diverged" else ", ".join(
+            f"{k}={v:.4g}" for k, v in final.items() if isinstance(v, float))))
     return summary
+
+
+def skip_or_resume(run: RunConfig, config: dict) -> tuple[RunConfig, dict | None]:
+    """What ``skip_completed=true`` (the make targets) does with a run already in ``run.out_dir``: a
+    finished one (it wrote its summary: completed, or diverged) is skipped and its summary returned;
+    an interrupted one is resumed, so rerunning an interrupted target continues where it stopped."""
+    if not run.skip_completed or not (run.out_dir / CONFIG).exists():
+        return run, None
+    summary_path = run.out_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    held = f"a {summary['status']}" if summary else "an interrupted"
+    # a folder name says method, rank, lr and seed only: a run of another preset (other pairs, model,
+    # steps) can sit under the same name, and skipping or continuing it would report the wrong experiment;
+    # an interrupted run continues, so only what a resume may change may differ
+    differences = config_differences(run.out_dir, config, SKIP_IGNORED_KEYS if summary else RESUMABLE_KEYS)
+    if differences:
+        raise ValueError(f"skip_completed: {run.out_dir} holds {held} run of another config "
+                         f"({'; '.join(differences)}); move it away or choose another out_root")
+    if summary is not None:
+        print(f"[skipped] {run.out_dir} is already finished, status {summary['status']} (skip_completed=true)")
+        return run, summary
+    print(f"[resuming] {run.out_dir} holds an interrupted run of this config (skip_completed=true)")
+    return replace(run, resume=True), None
+
+
+def check_before_loading(run: RunConfig, config: dict) -> None:
+    """The checks that need no weights, done before a model is loaded (minutes at paper scale): the
+    run folder can be written (or resumed), the checkpoint to resume is readable, and the adapter's
+    module names exist in the model's skeleton."""
+    check_run_folder(run.out_dir, config, resume=run.resume, ignore_on_resume=RESUMABLE_KEYS)
+    if run.resume and (run.out_dir / CHECKPOINT).exists():
+        check_checkpoint(run.out_dir / CHECKPOINT)
+    if run.adapter.layer_kind is not None:
+        check_targets(model_skeleton(run.model, run.data_root), run.adapter)
 
 
 def build_model_and_task(run: RunConfig):
@@ -156,7 +196,14 @@ def _tracker_kwargs(run: RunConfig, config: dict) -> dict:
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    summary = execute(cfg)
+    try:
+        summary = execute(cfg)
+    except INPUT_ERRORS as err:
+        if os.environ.get("MORA_DEBUG") == "1":
+            raise
+        message = " ".join(str(err).split())  # one line, whatever the message holds
+        print(f"error: {message} (MORA_DEBUG=1 shows the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
     if summary["status"] != "completed":
         raise SystemExit(1)
 

@@ -11,12 +11,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.loop.trackers import WANDB_MODES
 from experiments.models.local_base import BaseRecipe
 from experiments.paths import DEFAULT_DATA_ROOT
 from experiments.tasks import TaskSpec, task_spec
 from mora.adapters import AdapterConfig
 from mora.restarts import RestartConfig, check_restarts
-from mora.validation import check_choice, check_float, check_int, check_known_fields
+from mora.validation import check_bool, check_choice, check_float, check_int, check_known_fields
 
 SCALES = ("mini", "paper")
 MODEL_SOURCES = ("llama2c", "hub", "config", "local_base")
@@ -24,7 +25,7 @@ DEVICES = ("auto", "cpu", "cuda")
 SCHEDULERS = ("linear", "cosine", "constant")  # jagged_cosine is derived from the method (ReLoRA/ReMoRA)
 DTYPES = ("float32", "bfloat16")
 LOGGERS = ("none", "wandb")
-
+LOGGER_FIELDS = ("kind", "project", "mode", "group")  # what experiments/run.py hands to the tracker
 
 
 
@@ -116,6 +117,7 @@ class RunConfig:
     train: TrainSpec
     logger: dict
     singular_values: bool = False      # save the spectra of ΔW = W_final - W_init (Fig. 5)
+    skip_completed: bool = False       # make targets: skip a completed run, resume an interrupted one
 
 
 def _model_spec(cfg: DictConfig) -> ModelSpec:
@@ -172,6 +174,12 @@ def _train_spec(cfg: DictConfig, restarts: RestartConfig) -> TrainSpec:
     for key in ("max_steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
         check_int(f"train.{key}", t[key])
     check_int("train.warmup_steps", t["warmup_steps"], minimum=0)
+    if t["warmup_steps"] > t["max_steps"]:
+        raise ValueError(f"train.warmup_steps must be at most train.max_steps={t['max_steps']}, "
+                         f"got train.warmup_steps={t['warmup_steps']}")
+    # a negative max-norm would flip the gradients; null turns clipping off
+    check_float("train.grad_clip", t["grad_clip"], 0.0, low_open=True, allow_none=True)
+    weight_decay = check_float("train.weight_decay", t["weight_decay"], 0.0)
     check_choice("train.scheduler", t["scheduler"], SCHEDULERS)
     check_choice("train.dtype", t["dtype"], DTYPES)
     min_ratio = check_float("train.min_lr_ratio", t.get("min_lr_ratio", 0.0), 0.0, 1.0)
@@ -191,7 +199,7 @@ def _train_spec(cfg: DictConfig, restarts: RestartConfig) -> TrainSpec:
             raise ValueError(f"train.warmup_steps={t['warmup_steps']} must be shorter than method.merge_every="
                              f"{merge_every}: the first restart would come before the warm-up ends")
         scheduler = "jagged_cosine"
-    return TrainSpec(**{**t, "eval_steps": steps, "weight_decay": float(t["weight_decay"]), "scheduler": scheduler,
+    return TrainSpec(**{**t, "eval_steps": steps, "weight_decay": weight_decay, "scheduler": scheduler,
                         "min_lr_ratio": min_ratio})
 
 
@@ -204,6 +212,12 @@ def _adapter_config(cfg: DictConfig, rank: RankMapping) -> AdapterConfig:
     fields = set(AdapterConfig.__dataclass_fields__) - {"method", "rank", "extra"}
     check_known_fields("method", m, fields | {"name", *RESTART_FIELDS})
     values = {k: v for k, v in m.items() if k in fields}
+    for key in ("target_modules", "trainable_modules"):
+        names = values.get(key, ())
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"method.{key} must be a list of module names, e.g. [q_proj, v_proj], "
+                             f"got method.{key}={names!r}")
+    check_float("method.alpha", values.get("alpha"), 0.0, low_open=True, allow_none=True)
     if values.get("alpha") is not None and rank.rank != rank.paper_rank:
         # α/r is LoRA's effective step size: keep the paper's ratio when the rank is mapped
         values["alpha"] = float(values["alpha"]) * rank.rank / rank.paper_rank
@@ -228,12 +242,36 @@ def default_run_name(cfg: DictConfig, adapter: AdapterConfig, lr: float) -> str:
     return f"{cfg.task.name}/{cfg.scale.name}/{method}{rank}-lr{lr:g}-s{cfg.seed}"
 
 
+def _logger(cfg: DictConfig) -> dict:
+    """The tracker settings, checked here: a bad ``logger.mode`` found after the model loaded would
+    leave a half-made run folder."""
+    logger = OmegaConf.to_container(cfg.logger, resolve=True)
+    check_choice("logger", logger.get("kind"), LOGGERS)
+    check_known_fields("logger", logger, LOGGER_FIELDS)
+    if logger["kind"] == "wandb":
+        check_choice("logger.mode", logger.get("mode", "offline"), WANDB_MODES)
+    return logger
+
+
+def _out_dir(cfg: DictConfig, adapter: AdapterConfig, lr: float) -> Path:
+    if cfg.out_dir:
+        return Path(cfg.out_dir)
+    if not isinstance(cfg.out_root, str) or not cfg.out_root.strip():
+        # Path("") is the working directory: runs would land in ./<task>/... unnoticed
+        raise ValueError(f"out_root must be a folder path (or set out_dir), got out_root={cfg.out_root!r}")
+    return Path(cfg.out_root) / default_run_name(cfg, adapter, lr)
+
+
 def build_run_config(cfg: DictConfig, cuda_available: bool) -> RunConfig:
     """Validate the composed config; raises ValueError naming the offending field."""
     check_choice("scale", cfg.scale.name, SCALES)
     check_choice("device", cfg.device, DEVICES)
-    check_choice("logger", cfg.logger.kind, LOGGERS)
+    logger = _logger(cfg)
     check_int("seed", cfg.seed, minimum=0)
+    # booleans strictly: bool("no") is True
+    resume = check_bool("resume", cfg.resume)
+    skip_completed = check_bool("skip_completed", cfg.get("skip_completed", False))
+    singular_values = check_bool("singular_values", cfg.get("singular_values", False))
     model = _model_spec(cfg)
     device = ("cuda" if cuda_available else "cpu") if cfg.device == "auto" else cfg.device
     if device == "cuda" and not cuda_available:
@@ -247,11 +285,10 @@ def build_run_config(cfg: DictConfig, cuda_available: bool) -> RunConfig:
     check_restarts(restarts, adapter)
     data_root = Path(cfg.data_root) if cfg.data_root else DEFAULT_DATA_ROOT
     lr = _learning_rate(cfg, adapter.method)
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.out_root) / default_run_name(cfg, adapter, lr)
+    out_dir = _out_dir(cfg, adapter, lr)
     train, task = _train_spec(cfg, restarts), _task_spec(cfg)
     task.check_train(train.batch_size)
     return RunConfig(seed=cfg.seed, scale=cfg.scale.name, rank=rank, lr=lr,
-                     resume=bool(cfg.resume), device=device, out_dir=out_dir, data_root=data_root,
-                     model=model, adapter=adapter, restarts=restarts,
-                     task=task, train=train, logger=OmegaConf.to_container(cfg.logger, resolve=True),
-                     singular_values=bool(cfg.get("singular_values", False)))
+                     resume=resume, device=device, out_dir=out_dir, data_root=data_root,
+                     model=model, adapter=adapter, restarts=restarts, task=task, train=train, logger=logger,
+                     singular_values=singular_values, skip_completed=skip_completed)

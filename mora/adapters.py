@@ -60,6 +60,7 @@ class AdapterConfig:
             check_choice(name, getattr(self, name), allowed)
         check_int("rank", self.rank)
         check_float("dropout", self.dropout, 0.0, 1.0, high_open=True)
+        check_float("alpha", self.alpha, 0.0, low_open=True, allow_none=True)  # α/r scales ΔW
         check_float("loraplus_ratio", self.loraplus_ratio, 1.0)  # λ = η_B/η_A
         if self.layer_kind is not None and not self.target_modules:
             raise ValueError(f"target_modules must name at least one module for method={self.method!r}")
@@ -93,14 +94,25 @@ def find_target_linears(model: nn.Module, target_modules: tuple[str, ...]) -> li
     return [n for n in linears if any(_suffix_matches(n, p) for p in target_modules)]
 
 
-def _set_extra_trainable(model: nn.Module, patterns: tuple[str, ...]) -> None:
-    """Unfreeze modules whose last name component ends with one of ``patterns``."""
+def _extra_trainable(model: nn.Module, patterns: tuple[str, ...]) -> list[nn.Module]:
+    """Modules whose last name component ends with one of ``patterns``; raises for a pattern that
+    matches none."""
+    chosen = []
     for pattern in patterns:
-        chosen = [m for n, m in model.named_modules() if n and n.rsplit(".", 1)[-1].endswith(pattern)]
-        if not chosen:
+        found = [m for n, m in model.named_modules() if n and n.rsplit(".", 1)[-1].endswith(pattern)]
+        if not found:
             raise ValueError(f"trainable_modules pattern {pattern!r} matches no module of the model")
-        for module in chosen:
-            module.requires_grad_(True)
+        chosen += found
+    return chosen
+
+
+def check_targets(model: nn.Module, config: AdapterConfig) -> None:
+    """Raise what :func:`inject_adapters` would for ``target_modules`` or ``trainable_modules`` that
+    match nothing, changing nothing: ``model`` may be a skeleton on the meta device, so that a typo
+    fails before the weights are loaded."""
+    if config.layer_kind is not None:
+        find_target_linears(model, config.target_modules)
+        _extra_trainable(model, config.trainable_modules)
 
 
 # ----------------------------------------------------------------------------- injection
@@ -117,7 +129,8 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
     if method.init_layer is not None:
         for layer in adapter_layers(model).values():
             method.init_layer(layer)
-    _set_extra_trainable(model, config.trainable_modules)
+    for module in _extra_trainable(model, config.trainable_modules):
+        module.requires_grad_(True)
     return model
 
 

@@ -26,6 +26,14 @@ def check_int(field: str, value, minimum: int = 1, allow_none: bool = False) -> 
         raise ValueError(f"{field} must be {expected}{' or null' if allow_none else ''}, got {field}={value!r}")
 
 
+def check_bool(field: str, value) -> bool:
+    """``value`` must be a boolean (``true``/``false``): ``"no"`` or ``"abc"`` are refused, never read
+    as truthy strings."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{field} must be true or false, got {field}={value!r}")
+    return value
+
+
 def check_float(field: str, value, low: float | None = None, high: float | None = None,
                 low_open: bool = False, high_open: bool = False, allow_none: bool = False) -> float:
     """``value`` must be a finite number in the interval given (open ends with ``*_open``); returns it as float."""

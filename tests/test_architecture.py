@@ -182,8 +182,8 @@ def test_a_registered_toy_task_runs_through_the_entry_point(counting_task, tmp_p
 
     with pytest.raises(ValueError, match="already registered"):
         register_task("counting", TaskFamily(CountingTaskSpec, build_counting_task))
-    cfg = compose("task=uuid", "method=mora", "rank=256", f"out_dir={tmp_path / 'run'}", "train.max_steps=4",
-                  "train.eval_steps=[4]", "train.log_every=2", "train.ckpt_every=4", "lr=1e-2")
+    cfg = compose("task=uuid", "model=stories260k", "method=mora", "rank=256", f"out_dir={tmp_path / 'run'}", "train.max_steps=4",
+                  "train.warmup_steps=1", "train.eval_steps=[4]", "train.log_every=2", "train.ckpt_every=4", "lr=1e-2")
     OmegaConf.set_struct(cfg, False)  # the toy task has no conf/task/*.yaml: its section is written here
     cfg.task = {"name": "counting", "modulus": 16, "length": 12, "n_sequences": 64}
     summary = execute(cfg)

@@ -41,7 +41,7 @@ def test_every_method_is_found():
 def test_method_composes_and_validates_at_mini_scale(method):
     run = validate(f"method={method}", "scale=mini")
     assert run.adapter.method == method
-    assert run.model.name == "stories260k" and run.device == "cpu"
+    assert run.model.name == "stories_w128" and run.device == "cpu"   # the UUID preset's calibrated base
     assert run.lr > 0 and run.train.max_steps > 0
     assert all(0 < s <= run.train.max_steps for s in run.train.eval_steps)
 
@@ -65,7 +65,7 @@ def test_paper_scale_refuses_a_cpu_machine(method):
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_validates_at_mini_scale(experiment):
     run = validate(f"experiment={experiment}", "scale=mini")
-    assert run.scale == "mini" and run.model.name in ("stories260k", "llama_mini")
+    assert run.scale == "mini" and run.model.name in ("stories260k", "stories_w128", "llama_mini")
     assert not run.model.requires_gpu and run.device == "cpu"
 
 
@@ -216,19 +216,21 @@ def test_cuda_requested_without_a_gpu():
 # ------------------------------------------------------------------ rank mapping (r/d kept)
 
 
-def test_rank_256_maps_to_4_on_width_64():
-    run = validate("rank=256", "scale=mini")
-    assert (run.rank.paper_rank, run.rank.rank, run.rank.width, run.rank.reference_width) == (256, 4, 64, 4096)
-    assert run.rank.representable and run.adapter.rank == 4
+@pytest.mark.parametrize("model, width, rank", [("stories260k", 64, 4), ("stories_w128", 128, 8)])
+def test_rank_256_keeps_r_over_d(model, width, rank):
+    run = validate("rank=256", "scale=mini", f"model={model}")
+    assert (run.rank.paper_rank, run.rank.rank, run.rank.width, run.rank.reference_width) == (256, rank, width, 4096)
+    assert run.rank.representable and run.adapter.rank == rank
     assert "NOT REPRESENTABLE" not in run.rank.describe()
-    assert "1/16" in run.rank.describe()  # 256/4096 == 4/64
+    assert "1/16" in run.rank.describe()  # 256/4096 == 4/64 == 8/128
 
 
-def test_rank_8_is_not_representable_on_width_64():
-    run = validate("rank=8", "scale=mini")
+@pytest.mark.parametrize("model, factor", [("stories260k", 8), ("stories_w128", 4)])
+def test_rank_8_is_not_representable_on_a_mini_width(model, factor):
+    run = validate("rank=8", "scale=mini", f"model={model}")
     assert (run.rank.rank, run.rank.representable, run.adapter.rank) == (1, False, 1)
     text = run.rank.describe()
-    assert "NOT REPRESENTABLE" in text and "8x larger r/d" in text  # 1/64 vs the paper's 1/512
+    assert "NOT REPRESENTABLE" in text and f"{factor}x larger r/d" in text  # 1/64 or 1/128 vs the paper's 1/512
 
 
 @pytest.mark.parametrize("rank", [8, 256])

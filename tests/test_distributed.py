@@ -26,8 +26,9 @@ from experiments.loop.training import _check_sharding
 from tests.test_configs import REPO, compose
 
 # 4 optimizer steps on 8 UUID pairs, global batch 4 (2 per rank), evaluated at the end
-TINY = ["task=uuid", "method=mora", "rank=8", "train.max_steps=4", "train.batch_size=4", "task.n_pairs=8",
-        "task.eval_pairs=4", "train.eval_steps=[4]", "train.log_every=1", "train.ckpt_every=4", "device=cpu"]
+TINY = ["task=uuid", "model=stories260k", "method=mora", "rank=8", "train.max_steps=4", "train.warmup_steps=1", "train.batch_size=4",
+        "task.n_pairs=8", "task.eval_pairs=4", "train.eval_steps=[4]", "train.log_every=1", "train.ckpt_every=4",
+        "device=cpu"]
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "multi_gpu.yaml"),
           "--num_processes", "2", "--mixed_precision", "no"]  # the GPU recipe, at 2 processes and fp32
 

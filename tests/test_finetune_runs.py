@@ -24,7 +24,7 @@ from tests.test_configs import compose
 
 METHODS = ("fft", "lora", "loraplus", "asylora", "relora", "dora", "mora")
 # GSM8K prompts alone take 138+ stories260K tokens: 256 keeps 69% of the problems, 128 none
-TINY = ["train.max_steps=3", "train.batch_size=2", "task.n_eval=4", "task.max_len=256", "task.lm_eval_limit=2",
+TINY = ["train.max_steps=3", "train.warmup_steps=1", "train.batch_size=2", "task.n_eval=4", "task.max_len=256", "task.lm_eval_limit=2",
         "task.lm_eval_max_gen_toks=8", "train.eval_steps=[3]", "train.log_every=1", "train.ckpt_every=3", "device=cpu"]
 # the in-loop held-out metrics (experiments/tasks/finetune.py) and lm-eval's of each task's benchmarks
 IN_LOOP = {"tulu": ("eval/response_nll",), "metamath": ("eval/response_nll",),

@@ -1,11 +1,13 @@
 """The entry point end to end on stories260K (CPU, offline): a 3-step run of every method and MoRA
-operator, a run killed by SIGKILL and resumed that matches an uninterrupted one bit for bit, a
-NaN that stops the run with the last good checkpoint kept, and resumes that must be refused or
-must leave a finished run as it was.
+operator, a run killed by SIGKILL (after a checkpoint, or before the first) and resumed that
+matches an uninterrupted one bit for bit, a NaN that stops the run with the last good checkpoint
+kept, resumes that must be refused or must leave a finished run as it was, and make's
+``skip_completed=true`` continuing an interrupted run.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -26,8 +28,10 @@ from experiments.tasks import build_task
 from mora.adapters import adapter_parameters
 from tests.test_configs import EXPERIMENTS, METHODS, REPO, compose
 
-TINY = ["train.max_steps=3", "train.batch_size=4", "task.n_pairs=8", "task.eval_pairs=4", "train.eval_steps=[3]",
-        "train.log_every=1", "train.ckpt_every=3", "device=cpu"]
+# code-path runs use the real stories260K (loaded in a second); the UUID preset's own base (stories_w128) is
+# pretrained by `make base`, which tests/test_local_base.py covers on a tiny recipe
+TINY = ["model=stories260k", "train.max_steps=3", "train.warmup_steps=1", "train.batch_size=4", "task.n_pairs=8", "task.eval_pairs=4",
+        "train.eval_steps=[3]", "train.log_every=1", "train.ckpt_every=3", "device=cpu"]
 MORA_OPERATORS = ("truncate", "share", "decouple", "rotate")
 RUNS = [[f"method={m}"] + (["method.merge_every=2"] if m in ("relora", "remora") else [])
         for m in METHODS if m != "mora"] + [["method=mora", f"method.operator={op}"] for op in MORA_OPERATORS]
@@ -151,7 +155,7 @@ def test_pretraining_arms_start_from_the_same_random_weights(tmp_path):
 # is logged, i.e. after the step-8 checkpoint (step 16's if the poll is slow): resuming must restore
 # the switched sharing groups and merged base weights of the restart before it, and redo the steps
 # logged past the checkpoint. 20 steps and an eval at 10 leave >1 s to kill it before it finishes.
-RESUME_RUN = ["method=remora", "method.merge_every=6", "train.max_steps=20", "train.ckpt_every=8",
+RESUME_RUN = ["model=stories260k", "method=remora", "method.merge_every=6", "train.max_steps=20", "train.ckpt_every=8",
               "train.log_every=1", "task.n_pairs=16", "train.batch_size=4", "task.eval_pairs=4",
               "train.eval_steps=[10,20]", "device=cpu"]
 KILL_AFTER_LINES = 9  # line 9 is written after the step-8 checkpoint
@@ -190,23 +194,29 @@ def finish(proc: subprocess.Popen, out_dir: Path) -> None:
     assert proc.wait(timeout=120) == 0, log_tail(out_dir)
 
 
-def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path, launch):
+# the second case checkpoints at the end only, so the kill comes before the first checkpoint: the
+# resumed run must start clean instead of appending steps 1, 2, ... again after the logged ones
+@pytest.mark.parametrize("extra", [[], ["train.ckpt_every=20"]], ids=["after-a-checkpoint", "before-any-checkpoint"])
+def test_sigkilled_run_resumes_to_the_uninterrupted_result(extra, tmp_path, launch):
     killed, whole = tmp_path / "A", tmp_path / "B"
-    uninterrupted = launch(whole)  # runs alongside the one we kill
-    victim = launch(killed)
+    uninterrupted = launch(whole, *extra)  # runs alongside the one we kill
+    victim = launch(killed, *extra)
     deadline = time.monotonic() + 120
-    while not ((killed / CHECKPOINT).exists() and logged_lines(killed) >= KILL_AFTER_LINES):
+    while not ((killed / CHECKPOINT).exists() or extra) or logged_lines(killed) < KILL_AFTER_LINES:
         assert victim.poll() is None, f"it ended before it could be killed:\n{log_tail(killed)}"
-        assert time.monotonic() < deadline, "the run never reached its first checkpoint"
+        assert time.monotonic() < deadline, "the run never reached the step to kill it at"
         time.sleep(0.005)
     os.kill(victim.pid, signal.SIGKILL)
     assert victim.wait() == -signal.SIGKILL
     assert not (killed / "summary.json").exists()  # it died mid-way, not after finishing
     at_kill = [m["step"] for m in read_run(killed)["metrics"]]
-    ckpt_step = torch.load(killed / CHECKPOINT, map_location="cpu", weights_only=False)["loop"]["step"]
-    assert ckpt_step in (8, 16) and at_kill[-1] > ckpt_step, at_kill  # logged steps past it get redone
+    if extra:
+        assert not (killed / CHECKPOINT).exists() and at_kill[-1] >= KILL_AFTER_LINES, at_kill
+    else:
+        ckpt_step = torch.load(killed / CHECKPOINT, map_location="cpu", weights_only=False)["loop"]["step"]
+        assert ckpt_step in (8, 16) and at_kill[-1] > ckpt_step, at_kill  # logged steps past it get redone
 
-    finish(launch(killed, "resume=true"), killed)
+    finish(launch(killed, *extra, "resume=true"), killed)
     finish(uninterrupted, whole)
 
     a, b = read_run(killed), read_run(whole)
@@ -215,6 +225,8 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path, launch):
     assert a["summary"]["status"] == b["summary"]["status"] == "completed"
     assert a["summary"]["final"] == b["summary"]["final"]
     assert len(a["environment"]["resumes"]) == 1 and "resumes" not in b["environment"]
+    if extra:
+        assert "starts clean from step 0" in log_tail(killed)
     weights_a, weights_b = (torch.load(d / CHECKPOINT, map_location="cpu", weights_only=False)["weights"]
                             for d in (killed, whole))
     assert weights_a.keys() == weights_b.keys()
@@ -222,6 +234,41 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path, launch):
 
 
 # ------------------------------------------------------------------ divergence and bad resumes
+
+
+class Killed(Exception):
+    """Stands for a SIGKILL in-process: raised out of the loop, it leaves the run folder as a kill
+    would (metrics and checkpoints so far, no summary)."""
+
+
+def crash_at(step: int):
+    """A task builder whose task raises Killed when asked for the batch of 0-based step ``step``."""
+
+    def task(*args, **kwargs):
+        built = build_task(*args, **kwargs)
+        batch = built.batch
+
+        def crashing(s, *rest):
+            if s == step:
+                raise Killed(f"killed before step {step + 1}")
+            return batch(s, *rest)
+
+        built.batch = crashing
+        return built
+
+    return task
+
+
+def interrupted_run(monkeypatch, step: int, *overrides: str) -> None:
+    """Run ``overrides`` until it is killed fetching the batch of 0-based step ``step``."""
+    with monkeypatch.context() as patched:
+        patched.setattr(run_module, "build_task", crash_at(step))
+        with pytest.raises(Killed):
+            execute(compose(*overrides))
+
+
+def refuse_to_load(*args, **kwargs):
+    raise AssertionError("a model was loaded before the inputs were checked")
 
 
 class PoisonAtStep:
@@ -258,6 +305,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypa
     assert "at step 2" in summary["final"]["error"] and "nan" in summary["final"]["error"]
     saved = read_run(out)
     assert saved["summary"]["status"] == "diverged" and saved["summary"]["final"] == summary["final"]
+    assert "checkpoint.pt holds the last good state (step 1)" in summary["final"]["error"]
     assert [m["step"] for m in saved["metrics"]] == [1]
     ckpt = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)
     assert ckpt["loop"]["step"] == 1
@@ -270,7 +318,7 @@ def test_resume_with_a_changed_config_is_refused(tmp_path):
     done = execute(compose(*first))
     assert done["status"] == "completed"
     saved = (out / "config.yaml").read_text()
-    with pytest.raises(ValueError, match=r"cannot resume .*lr: 0\.01 -> 0\.02"):
+    with pytest.raises(ValueError, match=r"cannot resume .*lr: \S+ -> 0\.02"):
         execute(compose(*first, "resume=true", "lr=0.02"))
     assert (out / "config.yaml").read_text() == saved and (out / "summary.json").exists()
     with pytest.raises(FileExistsError, match="already holds a run"):
@@ -297,3 +345,78 @@ def test_skip_completed_reuses_a_run_across_keys_that_do_not_change_it(tmp_path)
     written = metrics.stat().st_mtime_ns
     again = execute(compose(*args, "task.eval_batch_size=2", "lr_by_method.lora=0.5"))
     assert again["status"] == "completed" and metrics.stat().st_mtime_ns == written   # skipped, not rerun
+
+
+def test_nan_before_any_checkpoint_says_there_is_none_and_prints_why(tmp_path, monkeypatch, capsys):
+    model_box = []
+    inject = run_module.inject_adapters
+    monkeypatch.setattr(run_module, "inject_adapters", lambda model, cfg: (model_box.append(model), inject(model, cfg)))
+    monkeypatch.setattr(run_module, "build_task", PoisonAtStep(1, model_box).task)
+    out = tmp_path / "run"
+    error = execute(compose(*TINY, f"out_dir={out}"))["final"]["error"]  # TINY checkpoints at step 3 only
+
+    assert not (out / CHECKPOINT).exists()
+    assert "last good state" not in error and "no checkpoint was written before it" in error
+    assert f"[diverged] {out} :: loss is nan at step 2" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ interrupted runs (in process)
+
+
+def test_resume_before_the_first_checkpoint_starts_clean(tmp_path, monkeypatch, capsys):
+    killed, whole = tmp_path / "A", tmp_path / "B"
+    interrupted_run(monkeypatch, 2, *TINY, f"out_dir={killed}")  # TINY checkpoints at step 3 only
+    assert [m["step"] for m in read_run(killed)["metrics"]] == [1, 2] and not (killed / CHECKPOINT).exists()
+
+    assert execute(compose(*TINY, f"out_dir={killed}", "resume=true"))["status"] == "completed"
+    assert [m["step"] for m in read_run(killed)["metrics"]] == [1, 2, 3]  # not 1, 2, 1, 2, 3
+    assert "starts clean from step 0" in capsys.readouterr().out
+    execute(compose(*TINY, f"out_dir={whole}"))
+    assert metric_rows(killed) == metric_rows(whole)
+
+
+def test_resume_with_a_damaged_checkpoint_leaves_the_finished_run(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    args = [*TINY, f"out_dir={out}"]
+    execute(compose(*args))
+    kept = {name: (out / name).read_bytes() for name in ("summary.json", "metrics.jsonl")}
+    ckpt = out / CHECKPOINT
+    ckpt.write_bytes(ckpt.read_bytes()[:ckpt.stat().st_size // 2])  # a copy cut short
+
+    with monkeypatch.context() as patched:  # refused before any model is loaded
+        patched.setattr(run_module, "load_model", refuse_to_load)
+        with pytest.raises(ValueError, match=r"checkpoint\.pt cannot be read .*left as they were"):
+            execute(compose(*args, "resume=true"))
+    assert all((out / name).read_bytes() == data for name, data in kept.items())
+    # damage that gets past that cheap check fails as it loads, still before the summary is dropped
+    monkeypatch.setattr(run_module, "check_checkpoint", lambda path: None)
+    with pytest.raises(ValueError, match=r"checkpoint\.pt cannot be read"):
+        execute(compose(*args, "resume=true"))
+    assert all((out / name).read_bytes() == data for name, data in kept.items())
+
+
+def test_skip_completed_resumes_an_interrupted_run_of_the_same_config(tmp_path, monkeypatch):
+    args = ["method=lora", "rank=8", *TINY, "train.ckpt_every=1", "skip_completed=true"]
+    interrupted_run(monkeypatch, 2, *args, f"out_root={tmp_path / 'A'}")  # checkpoint at step 2, no summary
+    with pytest.raises(ValueError, match=r"an interrupted run of another config \(task.n_pairs: 8 -> 12"):
+        execute(compose(*args, f"out_root={tmp_path / 'A'}", "task.n_pairs=12"))
+
+    assert execute(compose(*args, f"out_root={tmp_path / 'A'}"))["status"] == "completed"  # was FileExistsError
+    execute(compose(*args, f"out_root={tmp_path / 'B'}"))
+    [a], [b] = find_runs(tmp_path / "A"), find_runs(tmp_path / "B")
+    assert [m["step"] for m in a["metrics"]] == [1, 2, 3]
+    assert metric_rows(a["dir"]) == metric_rows(b["dir"])
+    assert len(a["environment"]["resumes"]) == 1
+
+
+def test_train_seconds_count_every_session(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    args = [*TINY, "train.ckpt_every=1", f"out_dir={out}"]
+    interrupted_run(monkeypatch, 2, *args)
+    # as if the first session had run 1000 s longer: its clock is the metrics' time column
+    metrics = out / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    metrics.write_text("".join(json.dumps(row | {"time": row["time"] + 1000}) + "\n" for row in rows))
+
+    summary = execute(compose(*args, "resume=true"))
+    assert 1000 < summary["train_seconds"] <= read_run(out)["summary"]["wall_time_s"]

@@ -9,7 +9,9 @@ last good checkpoint.
 
 from __future__ import annotations
 
+import pickle
 import random
+import zipfile
 from pathlib import Path
 
 import torch
@@ -34,13 +36,32 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer=None, scheduler=None
 
     Resuming passes ``optimizer`` and ``scheduler``: their state and the RNGs are restored too.
     """
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        raise _unreadable(path, err) from err
     load_adapter_state_dict(model, ckpt["weights"])
     if optimizer is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         _set_rng_state(ckpt["rng"])
     return ckpt["loop"]
+
+
+def check_checkpoint(path: Path) -> None:
+    """Refuse a damaged ``path`` (a copy cut short, a full disk) before anything is loaded or
+    changed; cheap: torch.save writes a zip archive whose directory, at its very end, is all this
+    reads, so a truncated file fails here and the tensors are never read."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.namelist()
+    except (OSError, zipfile.BadZipFile) as err:
+        raise _unreadable(path, err, "; to train the run again from step 0, move the checkpoint away") from err
+
+
+def _unreadable(path: Path, err: Exception, advice: str = "") -> ValueError:
+    return ValueError(f"{path} cannot be read ({type(err).__name__}: {err}); the run's metrics and summary are "
+                      f"left as they were{advice}")
 
 
 def _rng_state() -> dict:

@@ -62,27 +62,23 @@ class RunRecord:
         """Start (or, with ``resume`` and an existing run there, continue) the run in ``run_dir``.
 
         Resuming refuses a config that differs from the saved one except at the dotted keys in
-        ``ignore_on_resume`` (a key also covers everything under it), keeps ``metrics.jsonl`` (call
-        :meth:`truncate_after` with the checkpoint's step), drops the old ``summary.json`` and
-        rewrites ``config.yaml`` so it shows the ignored keys' new values.
-        A fresh start refuses a folder that already holds a run rather than overwrite it.
-        On a rank other than 0 nothing is checked or written (rank 0 does both).
+        ``ignore_on_resume`` (a key also covers everything under it), keeps ``metrics.jsonl`` and
+        ``summary.json`` (call :meth:`truncate_after` with the checkpoint's step once it has loaded)
+        and rewrites ``config.yaml`` so it shows the ignored keys' new values.
+        A fresh start refuses a folder that already holds a run rather than overwrite it
+        (:func:`check_run_folder`). On a rank other than 0 nothing is checked or written (rank 0
+        does both).
         """
         run_dir = Path(run_dir)
         if process_rank() != 0:
             return cls(run_dir, writer=False)
-        resuming = resume and (run_dir / CONFIG).exists()
-        if resuming:
-            _check_resumable(run_dir, config, ignore_on_resume)
-        elif (run_dir / CONFIG).exists():
-            raise FileExistsError(f"{run_dir} already holds a run; resume it or choose another folder")
+        resuming = check_run_folder(run_dir, config, resume=resume, ignore_on_resume=ignore_on_resume)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / CONFIG, yaml.safe_dump(config, sort_keys=False))
         _write_environment(run_dir, resuming)
         record = cls(run_dir)
         if resuming:
-            (run_dir / SUMMARY).unlink(missing_ok=True)
-            record.truncate_after(float("inf"))  # drops a torn last line before we append after it
+            record._keep_metrics(float("inf"))  # drops a torn last line before we append after it
         else:
             atomic_write_text(run_dir / METRICS, "")
         return record
@@ -108,10 +104,17 @@ class RunRecord:
             os.fsync(f.fileno())
 
     def truncate_after(self, step: int | float) -> None:
-        """Drop the metrics logged after ``step`` (a resumed run repeats them) and restart the clock
-        from the last line kept."""
+        """Continue the run after ``step`` (0: from the start): drop the metrics logged after it (a
+        resumed run logs them again) and the earlier session's ``summary.json`` (it no longer
+        describes the run), and restart the clock from the last line kept. A resumed run calls
+        this once its checkpoint has loaded, so a checkpoint that cannot be read leaves a finished
+        run's summary in place."""
         if not self.writer:
             return
+        self._keep_metrics(step)
+        (self.dir / SUMMARY).unlink(missing_ok=True)
+
+    def _keep_metrics(self, step: int | float) -> None:
         kept = [m for m in _read_jsonl(self.dir / METRICS) if m["step"] <= step]
         atomic_write_text(self.dir / METRICS, "".join(json.dumps(m) + "\n" for m in kept))
         self._elapsed_before = kept[-1]["time"] if kept else 0.0
@@ -271,6 +274,31 @@ def config_differences(run_dir: Path, config: dict, ignore: tuple[str, ...] = ()
     return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
             for k in sorted(old.keys() | new.keys())
             if not _covered(k, ignore) and old.get(k, _MISSING) != new.get(k, _MISSING)]
+
+
+def check_run_folder(run_dir: str | Path, config: dict, *, resume: bool,
+                     ignore_on_resume: tuple[str, ...] = ()) -> bool:
+    """What :meth:`RunRecord.create` refuses, checked without writing anything, so a caller can
+    refuse before loading a model: a folder that holds a run (unless ``resume``), a resumed config
+    that differs (:func:`config_differences`), a place where no folder can be made. Returns
+    whether the run there would be resumed. Ranks other than 0 check nothing (rank 0 writes)."""
+    run_dir = Path(run_dir)
+    if process_rank() != 0:
+        return False
+    resuming = resume and (run_dir / CONFIG).exists()
+    if resuming:
+        _check_resumable(run_dir, config, ignore_on_resume)
+    elif (run_dir / CONFIG).exists():
+        raise FileExistsError(f"{run_dir} already holds a run; resume it (resume=true) or choose another "
+                              "folder (out_dir, out_root)")
+    existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"cannot make the run folder {run_dir}: {existing} is not a folder; choose "
+                                 "another out_dir or out_root")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot make the run folder {run_dir}: {existing} is not writable; choose "
+                              "another out_dir or out_root")
+    return resuming
 
 
 def _check_resumable(run_dir: Path, config: dict, ignore: tuple[str, ...]) -> None:

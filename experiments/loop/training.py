@@ -72,28 +72,48 @@ def train(model, task, adapter: AdapterConfig, train_spec: TrainSpec, lr: float,
     model, optimizer = accelerator.prepare(model, optimizer)
     ckpt_path = record.dir / CHECKPOINT
     state, final = LoopState(), {}
-    if resume and ckpt_path.exists():
-        state = LoopState(**load_checkpoint(ckpt_path, accelerator.unwrap_model(model), optimizer, scheduler))
-        record.truncate_after(state.step)
+    if resume:
+        state = _restore(ckpt_path, accelerator, model, optimizer, scheduler, record)
         for row in read_run(record.dir)["metrics"]:  # what the loop had gathered (all, if it had finished)
             final |= {k: v for k, v in row.items() if k not in ("step", "time")}
-        accelerator.print(f"resumed from {ckpt_path} at step {state.step}")
+    saved_step = state.step if resume and ckpt_path.exists() else None  # what a divergence falls back to
     model.train()
     bar = tqdm(total=train_spec.max_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process)
-    while state.step < train_spec.max_steps:
-        loss = _optimizer_step(model, task, accelerator, optimizer, scheduler, train_spec, state)
-        state.step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
-        if restarts.restart_after(state.step, train_spec.max_steps):
-            # after step m·T, where a jagged schedule's multiplier for the next step is 0
-            restart_adapters(accelerator.unwrap_model(model), optimizer, restarts.group_switch)
-        final.update(_log_and_evaluate(model, task, accelerator, scheduler, train_spec, state, record, tracker))
-        if state.step % train_spec.ckpt_every == 0 or state.step == train_spec.max_steps:
-            if accelerator.is_main_process:
-                save_checkpoint(ckpt_path, accelerator.unwrap_model(model), adapter, optimizer, scheduler, asdict(state))
+    try:
+        while state.step < train_spec.max_steps:
+            loss = _optimizer_step(model, task, accelerator, optimizer, scheduler, train_spec, state)
+            state.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if restarts.restart_after(state.step, train_spec.max_steps):
+                # after step m·T, where a jagged schedule's multiplier for the next step is 0
+                restart_adapters(accelerator.unwrap_model(model), optimizer, restarts.group_switch)
+            final.update(_log_and_evaluate(model, task, accelerator, scheduler, train_spec, state, record, tracker))
+            if state.step % train_spec.ckpt_every == 0 or state.step == train_spec.max_steps:
+                if accelerator.is_main_process:
+                    save_checkpoint(ckpt_path, accelerator.unwrap_model(model), adapter, optimizer, scheduler,
+                                    asdict(state))
+                saved_step = state.step
+    except DivergedError as err:
+        kept = (f"{ckpt_path} holds the last good state (step {saved_step})" if saved_step is not None else
+                f"no checkpoint was written before it (train.ckpt_every={train_spec.ckpt_every})")
+        raise DivergedError(f"{err}; {kept}") from None
     bar.close()
     return final
+
+
+def _restore(ckpt_path, accelerator, model, optimizer, scheduler, record: RunRecord) -> LoopState:
+    """The state a resumed run continues from: its checkpoint's, or step 0 when it stopped before
+    the first one. The metrics logged after that step are dropped, as the run logs them again."""
+    if ckpt_path.exists():
+        state = LoopState(**load_checkpoint(ckpt_path, accelerator.unwrap_model(model), optimizer, scheduler))
+        accelerator.print(f"resumed from {ckpt_path} at step {state.step}")
+    else:
+        state = LoopState()
+        accelerator.print(f"resume: no checkpoint in {record.dir}, so this run starts clean from step 0 "
+                          "(metrics logged before are dropped)")
+    record.truncate_after(state.step)
+    return state
 
 
 def _optimizer_step(model, task, accelerator, optimizer, scheduler, spec: TrainSpec, state: LoopState) -> float:
@@ -109,8 +129,7 @@ def _optimizer_step(model, task, accelerator, optimizer, scheduler, spec: TrainS
             # value on every rank, so all ranks stop together on a NaN instead of one hanging
             global_loss = accelerator.reduce(loss.detach(), reduction="mean")
             if not torch.isfinite(global_loss):
-                raise DivergedError(f"loss is {global_loss.item()} at step {state.step + 1}; stopping. The last "
-                                    "checkpoint holds the last good state")
+                raise DivergedError(f"loss is {global_loss.item()} at step {state.step + 1}; stopping")
             accelerator.backward(loss)
             if spec.grad_clip and accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(model.parameters(), spec.grad_clip)

@@ -23,7 +23,8 @@ _HEADER = struct.Struct("<7i")  # llama2.c writes little-endian int32 and float3
 def read_llama2c(path: str | Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
     """(HF config, HF state dict) of a llama2.c ``.bin`` checkpoint."""
     raw = Path(path).read_bytes()
-    dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = _HEADER.unpack_from(raw)
+    header = _HEADER.unpack_from(raw)
+    dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = header
     shared = vocab > 0
     vocab = abs(vocab)
     head = dim // n_heads
@@ -43,11 +44,21 @@ def read_llama2c(path: str | Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]
         offset += size
     if offset != data.numel():
         raise ValueError(f"{path}: {data.numel() - offset} trailing floats; not a llama2.c v0 checkpoint")
-    config = LlamaConfig(vocab_size=vocab, hidden_size=dim, intermediate_size=hidden, num_hidden_layers=n_layers,
-                         num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=seq_len,
-                         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=shared,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return config, _to_hf_state_dict(tensors, n_layers, n_heads, n_kv_heads, shared)
+    return _hf_config(header), _to_hf_state_dict(tensors, n_layers, n_heads, n_kv_heads, shared)
+
+
+def read_llama2c_config(path: str | Path) -> LlamaConfig:
+    """The HF config of a llama2.c checkpoint, from its header alone."""
+    with open(path, "rb") as f:
+        return _hf_config(_HEADER.unpack(f.read(_HEADER.size)))
+
+
+def _hf_config(header: tuple[int, ...]) -> LlamaConfig:
+    dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = header
+    return LlamaConfig(vocab_size=abs(vocab), hidden_size=dim, intermediate_size=hidden, num_hidden_layers=n_layers,
+                       num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=seq_len,
+                       rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=vocab > 0,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
 def _interleaved_to_half_rotation(w: torch.Tensor, n_heads: int) -> torch.Tensor:

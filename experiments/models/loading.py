@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from experiments.models.llama2c import load_llama2c
+from experiments.models.llama2c import load_llama2c, read_llama2c_config
 from experiments.models.local_base import load_local_base
 from experiments.data.offline import DEFAULT_DATA_ROOT, verify_files
 from experiments.models.sp_tokenizer import load_sentencepiece_tokenizer
@@ -46,19 +46,37 @@ def build_llama_from_config(spec, vocab_size: int, seed: int, dtype: str = "floa
     one seed starts from the identical W₀ (Section 5.3 compares adapters on the same frozen random
     weights), and the same call rebuilds W_init exactly for the ΔW spectra of Fig. 5.
     """
-    config = LlamaConfig(
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(_llama_config(spec, vocab_size))
+    finally:
+        torch.random.set_rng_state(state)  # the run's own RNG stream does not depend on the model size
+    return model.to(DTYPES[dtype])
+
+
+def _llama_config(spec, vocab_size: int) -> LlamaConfig:
+    return LlamaConfig(
         vocab_size=vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
         num_key_value_heads=spec.num_kv_heads or spec.num_heads,
         max_position_embeddings=spec.max_position_embeddings or 2048,
         tie_word_embeddings=bool(spec.tie_word_embeddings), rms_norm_eps=1e-6, rope_theta=10000.0)
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    finally:
-        torch.random.set_rng_state(state)  # the run's own RNG stream does not depend on the model size
-    return model.to(DTYPES[dtype])
+
+
+def model_skeleton(spec, data_root: str | Path):
+    """``spec``'s model without weights (on the meta device, built in milliseconds): enough to check
+    module names (``target_modules``) before the weights are read, downloaded or pretrained."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if spec.source == "llama2c":
+        config = read_llama2c_config(verify_files(data_root, [spec.path])[0])
+    elif spec.source == "hub":
+        config = AutoConfig.from_pretrained(spec.hub_id)
+    else:  # config, local_base: built from the spec's shape; the vocabulary does not change the names
+        config = _llama_config(spec, vocab_size=1)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 def load_model(spec, data_root: str | Path, dtype: str = "float32"):
