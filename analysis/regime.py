@@ -647,7 +647,8 @@ def finetune_rank_rows() -> list[Row]:
     # only shapes are read, and biomed's paper preset leaves train.max_steps to the user: give it one
     def runs_at(task: str) -> Callable[[str, int], RunConfig]:
         return lambda scale, rank: run_config(f"experiment=finetune_r{rank}", f"task={task}", f"scale={scale}",
-                                              "method=mora", "train.max_steps=1", "train.eval_steps=[]")
+                                              "method=mora", "train.max_steps=1", "train.warmup_steps=0",
+                                              "train.eval_steps=[]")
     return merged({task: rank_rows(runs_at(task), FINETUNE_RANKS) for task in FINETUNE_TASKS})
 
 

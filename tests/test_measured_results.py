@@ -18,17 +18,16 @@ README = (REPO / "README.md").read_text()
 # notebook → [(text the notebook renders from the snapshot, the same number as the README quotes it)]
 QUOTED = {
     "uuid_memorization": [
-        ("| FFT | – | 0.003 | 20.1 ± 2.3 (3) [paper 42.5] | 37.0 ± 3.7 (3) [paper 100] | 96.0 ± 2.8 (3) [paper 100] | "
-         "100.0 ± 0.0 (3)", "| FFT | – | 20.1 ± 2.3 | 37.0 ± 3.7 | 96.0 ± 2.8 | **100.0 ± 0.0** |"),
-        ("| LoRA | 8 (mini 1) | 0.01 | 14.8 ± 8.2 (3) [paper 9.9] | 21.1 ± 0.6 (3) [paper 10] | 22.2 ± 1.2 (3) "
-         "[paper 10.7] | 23.1 ± 0.6 (3)", "| LoRA | 8 (1) | 14.8 ± 8.2 | 21.1 ± 0.6 | 22.2 ± 1.2 | 23.1 ± 0.6 |"),
-        ("| MoRA | 8 (mini 1) | 0.01 | 13.4 ± 5.4 (3) [paper 10.1] | 20.6 ± 0.4 (3) [paper 15.7] | 22.8 ± 0.9 (3) "
-         "[paper 87.4] | 24.2 ± 1.1 (3)", "| MoRA | 8 (1) | 13.4 ± 5.4 | 20.6 ± 0.4 | 22.8 ± 0.9 | 24.2 ± 1.1 |"),
-        ("| LoRA | 256 (mini 4) | 0.01 | 20.4 ± 0.2 (3) [paper 9.9] | 21.1 ± 1.1 (3) [paper 70.6] | 24.1 ± 0.8 (3) "
-         "[paper 100] | 26.6 ± 1.1 (3)", "| LoRA | 256 (4) | 20.4 ± 0.2 | 21.1 ± 1.1 | 24.1 ± 0.8 | 26.6 ± 1.1 |"),
-        ("| MoRA | 256 (mini 4) | 0.01 | 19.3 ± 0.8 (3) [paper 41.6] | 23.3 ± 0.2 (3) [paper 100] | 28.9 ± 0.5 (3) "
-         "[paper 100] | 34.2 ± 2.2 (3)", "| MoRA | 256 (4) | 19.3 ± 0.8 | 23.3 ± 0.2 | 28.9 ± 0.5 | **34.2 ± 2.2** |"),
-        ("| lora r128 | **0.01** | 25.2 ± 0.6 (3)", "| LoRA | 128 (2) | 19.5 ± 0.6 | 21.7 ± 0.4 | 23.9 ± 0.2 | 25.2 ± 0.6 |"),
+        ("| FFT | – | 0.003 | 93.6 ± 3.0 (3) [paper 42.5] | 99.6 ± 0.7 (3) [paper 100] | 100.0 ± 0.0 (3) [paper 100] | "
+         "100.0 ± 0.0 (3)", "| FFT | – | 0.003 | 93.6 ± 3.0 | 99.6 ± 0.7 | 100.0 ± 0.0 | 100.0 ± 0.0 |"),
+        ("| LoRA | 8 (mini 1) | 0.01 | 17.6 ± 2.6 (3) [paper 9.9] | 27.4 ± 5.9 (3) [paper 10] | 42.2 ± 10.9 (3) "
+         "[paper 10.7] | 51.1 ± 19.3 (3)", "| LoRA | 8 (1) | 0.01 | 17.6 ± 2.6 | 27.4 ± 5.9 | 42.2 ± 10.9 | 51.1 ± 19.3 |"),
+        ("| MoRA | 8 (mini 1) | 0.005 | 28.0 ± 1.2 (3) [paper 10.1] | 40.5 ± 5.8 (3) [paper 15.7] | 58.6 ± 8.2 (3) "
+         "[paper 87.4] | 82.4 ± 5.0 (3)", "| MoRA | 8 (1) | 0.005 | 28.0 ± 1.2 | 40.5 ± 5.8 | 58.6 ± 8.2 | **82.4 ± 5.0** |"),
+        ("| LoRA | 256 (mini 8) | 0.003 | 24.5 ± 0.2 (3) [paper 9.9] | 63.3 ± 2.5 (3) [paper 70.6] | 97.6 ± 1.3 (3) "
+         "[paper 100] | 100.0 ± 0.0 (3)", "| LoRA | 256 (8) | 0.003 | 24.5 ± 0.2 | 63.3 ± 2.5 | 97.6 ± 1.3 | 100.0 ± 0.0 |"),
+        ("| MoRA | 256 (mini 8) | 0.005 | 53.9 ± 6.3 (3) [paper 41.6] | 96.5 ± 2.5 (3) [paper 100] | 100.0 ± 0.0 (3) "
+         "[paper 100] | 100.0 ± 0.0 (3)", "| MoRA | 256 (8) | 0.005 | **53.9 ± 6.3** | **96.5 ± 2.5** | **100.0 ± 0.0** | 100.0 ± 0.0 |"),
     ],
     "pretraining": [
         ("| LoRA | 128 (mini 21) | 0.003 | 122.70 ± 10.43 (3) |", "| LoRA | **122.7 ± 10.4** |"),
@@ -66,6 +65,22 @@ def test_notebook_rerenders_the_readme_numbers_from_the_saved_runs(notebook):
     for from_runs, in_readme in QUOTED[notebook]:
         assert from_runs in rendered, f"the saved runs no longer give: {from_runs}"
         assert in_readme in README, f"the README no longer quotes: {in_readme}"
+
+
+def test_the_capacity_starved_table_is_what_its_runs_give():
+    """The README keeps the first preset's Table 2 (128 pairs on width 64, one rate per method) as the
+    capacity-starved row: its numbers must still be what tests/fixtures/uuid_capacity_starved gives."""
+    from analysis.runs import load_runs
+    from analysis.uuid_figures import table2_markdown
+
+    rendered = table2_markdown(load_runs(REPO / "tests" / "fixtures" / "uuid_capacity_starved", task="uuid"))
+    for row in ("| LoRA | 256 (mini 4) | 0.01 | 20.4 ± 0.2 (3) [paper 9.9] | 21.1 ± 1.1 (3) [paper 70.6] | 24.1 ± 0.8 (3) "
+                "[paper 100] | 26.6 ± 1.1 (3)",
+                "| MoRA | 256 (mini 4) | 0.01 | 19.3 ± 0.8 (3) [paper 41.6] | 23.3 ± 0.2 (3) [paper 100] | 28.9 ± 0.5 (3) "
+                "[paper 100] | 34.2 ± 2.2 (3)"):
+        assert row in rendered
+    assert "| LoRA r = 256 (mini r = 4) | 20.4 ± 0.2 | 21.1 ± 1.1 | 24.1 ± 0.8 | 26.6 ± 1.1 |" in README
+    assert "| MoRA r = 256 (mini r = 4) | 19.3 ± 0.8 | 23.3 ± 0.2 | 28.9 ± 0.5 | 34.2 ± 2.2 |" in README
 
 
 def test_every_notebook_is_checked_against_the_snapshot():
