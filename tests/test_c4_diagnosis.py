@@ -26,3 +26,14 @@ def test_table_rows_epochs_and_gap(tmp_path):
                                          "LoRA r=128 + nothing else (embeddings, norms, head frozen)"]
     text = diagnosis_markdown(runs, train_tokens=400 * 16 * 128 // 2)
     assert "| FFT (every weight) | 0.003 | 400 | 2.0 | 150.0 | 4.900 | +0.100 | 300.0 | 150.0 |" in text
+
+
+def test_docs_show_the_report_of_the_committed_diagnosis_runs():
+    from pathlib import Path
+
+    from analysis.c4_diagnosis import preset_train_tokens
+
+    repo = Path(__file__).resolve().parents[1]
+    rendered = diagnosis_markdown(load_diagnosis(repo / "tests" / "fixtures" / "c4_diagnosis"), preset_train_tokens())
+    table = rendered.split("\n\n", 2)[2]   # past the title and the one-line description
+    assert table.strip() in (repo / "docs" / "calibration.md").read_text()
