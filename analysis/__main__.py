@@ -221,19 +221,24 @@ def regime_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def calibrate_uuid_report(args: argparse.Namespace) -> int:
-    """Apply the UUID calibration rule to the runs, write and print the report; 1 if there are no runs."""
+def _one_file_report(args: argparse.Namespace, write: Callable[[], Path]) -> int:
+    """Run ``write()`` (it writes one report file and returns its path), print the report; 1 if there are no runs."""
     start = time.perf_counter()
     if _no_runs_folder(args.runs):
         return 1
     try:
-        path = write_calibration_report(args.runs, args.out)
+        path = write()
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(path.read_text())
     print(f"wrote {path} in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def calibrate_uuid_report(args: argparse.Namespace) -> int:
+    """Apply the UUID calibration rule to the runs, write and print the report; 1 if there are no runs."""
+    return _one_file_report(args, lambda: write_calibration_report(args.runs, args.out))
 
 
 def uuid_pairs_report(args: argparse.Namespace) -> int:
@@ -254,17 +259,7 @@ def uuid_pairs_report(args: argparse.Namespace) -> int:
 
 def c4_diagnosis_report(args: argparse.Namespace) -> int:
     """Write the C4 diagnosis table (epochs counted on the preset's training split); 1 if there are no runs."""
-    start = time.perf_counter()
-    if _no_runs_folder(args.runs):
-        return 1
-    try:
-        path = write_diagnosis_report(args.runs, args.out, preset_train_tokens())
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(path.read_text())
-    print(f"wrote {path} in {time.perf_counter() - start:.1f} s")
-    return 0
+    return _one_file_report(args, lambda: write_diagnosis_report(args.runs, args.out, preset_train_tokens()))
 
 
 def best_lr_report(args: argparse.Namespace) -> int:

@@ -104,6 +104,8 @@ def sweep_markdown(points: Sequence[PairsPoint]) -> str:
 
 def plot_sweep(points: Sequence[PairsPoint], out_path: str | Path | None = None):
     """Accuracy against the number of pairs, one panel per (paper rank, Table 2 evaluation)."""
+    if not points:
+        raise ValueError("no UUID runs found for the pairs sweep")
     steps = sorted({s for p in points for s in p.eval_steps})
     fig = new_figure(3.0 * max(1, len(steps)), 5.2)
     axes = fig.subplots(len(RANKS), max(1, len(steps)), sharex=True, sharey=True, squeeze=False)
