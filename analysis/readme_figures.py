@@ -1,7 +1,7 @@
 """The figures the README shows, drawn from one results root into ``docs/figures/`` (``make figures``).
 
 ``python -m analysis figures --runs tests/fixtures/measured --out docs/figures`` draws Fig. 2, Fig. 3,
-Fig. 4, Fig. 5 and the Table 1 bars with the report modules' own plotting functions, under the fixed
+Fig. 4, Fig. 5, the Table 1 bars and the UUID pairs sweep (its runs beside the root, in ``pairs_sweep/``) with the report modules' own plotting functions, under the fixed
 file names of :data:`README_FIGURES`, as PNG only (:func:`analysis.plotting.save_png`: fixed dpi, no
 version stamp), so drawing unchanged runs again gives the same file. ``tests/test_figures.py`` redraws
 them from ``tests/fixtures/measured/`` and fails when a committed one is stale.
@@ -15,6 +15,7 @@ from typing import Callable, NamedTuple, Sequence
 from matplotlib.figure import Figure
 
 from analysis.finetune_tables import load_finetune_runs, plot_table1
+from analysis.pairs_sweep import load_sweep, plot_sweep
 from analysis.plotting import save_png
 from analysis.pretrain_figures import load_pretrain_runs, plot_fig4, plot_fig5
 from analysis.runs import load_runs
@@ -25,6 +26,9 @@ LOADERS: dict[str, Callable[[Path], Sequence]] = {
     "uuid": lambda root: load_runs(root, task="uuid"),
     "c4": load_pretrain_runs,
     "finetune": load_finetune_runs,
+    # the pairs sweep's own runs sit beside the runs root (results/pairs_sweep beside results/runs,
+    # tests/fixtures/pairs_sweep beside tests/fixtures/measured); the preset's N is Table 2's runs
+    "uuid_pairs": lambda root: load_sweep([root, root.parent / "pairs_sweep"]),
 }
 
 
@@ -40,6 +44,7 @@ README_FIGURES: dict[str, ReadmeFigure] = {
     "fig4_c4_loss": ReadmeFigure("c4", plot_fig4),
     "fig5_singular_values": ReadmeFigure("c4", plot_fig5),
     "table1_bars": ReadmeFigure("finetune", plot_table1),
+    "uuid_pairs_sweep": ReadmeFigure("uuid_pairs", plot_sweep),
 }
 
 

@@ -68,3 +68,16 @@ def test_best_lr_prints_the_chosen_rate_of_one_arm(root, capsys):
     assert main(["best-lr", "--runs", str(root), "--method", "mora", "--rank", "8", "--where", "task.n_pairs=20"]) == 0
     assert capsys.readouterr().out.strip() == "0.005"
     assert main(["best-lr", "--runs", str(root), "--method", "dora", "--rank", "8", "--where", "task.n_pairs=20"]) == 1
+
+
+def test_readme_shows_what_the_saved_sweep_runs_give():
+    """The README's pairs-sweep tables are the rendering of tests/fixtures/measured (Table 2's N) and
+    tests/fixtures/pairs_sweep (the other N)."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    text = sweep_markdown(load_sweep([repo / "tests" / "fixtures" / "measured", repo / "tests" / "fixtures" / "pairs_sweep"]))
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 2 * 4 * 4   # two ranks, four numbers of pairs, four evaluations
+    readme = (repo / "README.md").read_text()
+    assert all(row in readme for row in rows)
