@@ -14,15 +14,13 @@ from pathlib import Path
 # `python experiments/<script>.py` from a checkout: the repository root on the path instead of this folder
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from experiments.paths import REPO_ROOT  # noqa: E402
+from experiments.schema import compose_config  # noqa: E402
 
 
 def config_value(key: str, overrides: list[str]):
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    with initialize_config_dir(str(REPO_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+    cfg = compose_config(overrides)
     value = OmegaConf.select(cfg, key, default=KeyError)
     if value is KeyError:
         raise KeyError(f"{key} is not in the composed config (overrides: {' '.join(overrides) or 'none'})")

@@ -15,16 +15,13 @@ from pathlib import Path
 # `python experiments/<script>.py` from a checkout: the repository root on the path instead of this folder
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from experiments.paths import REPO_ROOT  # noqa: E402
+from experiments.schema import compose_config  # noqa: E402
 from mora.validation import check_float  # noqa: E402
 
 
 def lr_grid(overrides: list[str]) -> list[float]:
     """The composed config's ``lr_grid_by_method[<method>]``, every value checked."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(str(REPO_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+    cfg = compose_config(overrides)
     grids, method = cfg.get("lr_grid_by_method") or {}, cfg.method.name
     if method not in grids:
         raise ValueError(f"the preset {cfg.task.name}_{cfg.scale.name} has no lr_grid_by_method entry for "

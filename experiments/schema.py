@@ -142,15 +142,19 @@ def _model_spec(cfg: DictConfig) -> ModelSpec:
     return ModelSpec(**m)
 
 
-def model_spec(model_name: str) -> ModelSpec:
-    """The validated base model ``conf/model/<model_name>.yaml`` (its Hydra defaults list composed)."""
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config ``python experiments/run.py <overrides>`` gets (same conf dir and version_base)."""
     from hydra import compose, initialize_config_dir
 
     from experiments.paths import REPO_ROOT
 
     with initialize_config_dir(str(REPO_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"model={model_name}"])
-    return _model_spec(cfg)
+        return compose("config", overrides=list(overrides))
+
+
+def model_spec(model_name: str) -> ModelSpec:
+    """The validated base model ``conf/model/<model_name>.yaml`` (its Hydra defaults list composed)."""
+    return _model_spec(compose_config([f"model={model_name}"]))
 
 
 # method fields that configure the training loop's restarts rather than the adapter layers

@@ -46,6 +46,13 @@ def _sha256(path: Path, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file, hashed once per (path, size, mtime) within the process."""
+    path = Path(path)
+    stat = path.stat()
+    return _sha256(path, stat.st_size, stat.st_mtime_ns)
+
+
 def verify_files(data_root: str | Path, relative_paths: Iterable[str]) -> list[Path]:
     """Absolute paths of ``relative_paths`` under ``data_root``, each checked against SHA256SUMS.
 
@@ -62,8 +69,7 @@ def verify_files(data_root: str | Path, relative_paths: Iterable[str]) -> list[P
             raise OfflineDataError(f"{rel} is not listed in {SUMS_FILE} {_hint(data_root)}")
         if not path.is_file():
             raise OfflineDataError(f"{rel} is missing {_hint(data_root)}")
-        stat = path.stat()
-        if _sha256(path, stat.st_size, stat.st_mtime_ns) != expected[rel]:
+        if sha256_file(path) != expected[rel]:
             raise OfflineDataError(f"{rel} is altered: its SHA-256 differs from {SUMS_FILE} {_hint(data_root)}")
         paths.append(path)
     return paths

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -31,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from experiments.data.c4 import read_documents
-from experiments.data.offline import verify_files
+from experiments.data.offline import sha256_file, verify_files
 from experiments.models.sp_tokenizer import load_sentencepiece_tokenizer
 from experiments.paths import REPO_ROOT
 from experiments.tasks.base import batch_indices, evaluate_perplexity, pack_documents, tokenize
@@ -128,14 +127,6 @@ def _threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_corpus(data_root: Path, files: tuple[str, ...]) -> list[str]:
@@ -246,9 +237,9 @@ def build_base(spec, data_root: str | Path, root: Path | None = None, progress: 
         shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(staging, safe_serialization=True)
         corpus = dict(zip(expected["recipe"]["corpus"],
-                          (_sha256_file(p) for p in verify_files(data_root, expected["recipe"]["corpus"]))))
+                          (sha256_file(p) for p in verify_files(data_root, expected["recipe"]["corpus"]))))
         manifest = {**_json_roundtrip(expected), "corpus_sha256": corpus, **facts,
-                    "weights_sha256": _sha256_file(staging / WEIGHTS)}
+                    "weights_sha256": sha256_file(staging / WEIGHTS)}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         shutil.rmtree(folder, ignore_errors=True)
         staging.rename(folder)   # the folder appears whole or not at all
@@ -266,7 +257,7 @@ def _checked(spec, data_root: Path, folder: Path) -> Path:
         if manifest.get(key) != value:
             raise ValueError(f"the cached base {folder} was built with a different {key} than model={spec.name} "
                              f"now names ({manifest.get(key)} vs {value}); delete the folder to rebuild it")
-    if _sha256_file(folder / WEIGHTS) != manifest["weights_sha256"]:
+    if sha256_file(folder / WEIGHTS) != manifest["weights_sha256"]:
         raise ValueError(f"{folder / WEIGHTS} differs from the SHA-256 in its manifest; delete {folder} to rebuild")
     return folder
 
