@@ -144,6 +144,14 @@ def test_bpe_is_trained_on_the_train_split_only_and_cached(train_texts, val_text
     assert second(val_texts[0])["input_ids"] == first(val_texts[0])["input_ids"]
 
 
+def test_bpe_cache_folder_is_created_on_a_fresh_machine(train_texts, tmp_path):
+    # a new machine has no ~/.cache/mora-repro/tokenizers yet; the first C4 run must create it
+    cache = tmp_path / "not" / "yet" / "made"
+    tokenizer = train_bpe_tokenizer(train_texts[:20], 300, cache)
+    assert len(tokenizer) == 300
+    assert [p.name for p in cache.iterdir()] == [f"bpe-{bpe_cache_key(train_texts[:20], 300)}.json"]
+
+
 def test_t5_stand_in_is_the_t5_base_vocabulary(t5, t5_folder, val_texts):
     assert len(t5) == 32_100 and (t5.pad_token_id, t5.eos_token_id) == (0, 1)
     from_file = build_tokenizer(C4TaskSpec(tokenizer="t5", t5_tokenizer=T5_MODEL), ROOT)  # checked .model

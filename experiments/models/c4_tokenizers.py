@@ -57,6 +57,7 @@ def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int,
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(BPE_SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     backend.train_from_iterator(texts, trainer)
+    path.parent.mkdir(parents=True, exist_ok=True)   # a fresh machine has no cache folder yet
     atomic_write_text(path, backend.to_str())
     return _wrap_bpe(backend)
 
