@@ -1,19 +1,32 @@
-# One target per job. Every target creates .venv itself (CPU torch from the local wheel) when missing.
+# One target per job. Every target creates .venv itself when missing (or when pyproject.toml or the lock
+# changed): torch first, then the exact versions of requirements/lock.txt, then the library `mora` from this
+# checkout (editable, no deps). experiments/, analysis/ and benchmarks/ are not installed: they run from the
+# checkout (the entry scripts and pytest put its root on sys.path; `python -m analysis` runs from here).
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
+LOCK   := requirements/lock.txt
+TORCH  := $(shell sed -n 's/^torch==//p' $(LOCK))
+# torch's CPU build, for machines without a GPU and without a local wheel (PyPI's Linux wheel is the CUDA build)
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install test test-fast bench rank-table fig2 fig3 table2 uuid fig4 table3 fig5 pretrain pretrain-lr-sweep \
+.PHONY: install test test-fast bench rank-table fig2 fig3 table2 uuid fig4 table3 fig5 pretrain \
         table1 table1-instruct table1-math table1-biomed table4 table6 table7 finetune finetune-lr-sweep \
-        all snapshot regime figures calibrate-uuid calibrate-uuid-epochs calibrate-uuid-base base c4-diagnosis uuid-pairs-sweep clean
+        all snapshot regime figures calibrate-uuid calibrate-uuid-epochs calibrate-uuid-base calibrate-c4 base c4-diagnosis uuid-pairs-sweep clean
 
-$(STAMP): pyproject.toml
+# torch: a local wheel when pip finds one (its find-links; deps come with the lock), else the CPU index where
+# there is no nvidia-smi, else PyPI's default (CUDA) build. GPU machines may use environment.yml instead.
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch first and pinned: pip takes the CPU wheel from local disk instead of a CUDA build
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --no-index --no-deps torch==$(TORCH) 2>/dev/null || { \
+	  echo "no local torch==$(TORCH) wheel: installing it from an index"; \
+	  if command -v nvidia-smi >/dev/null; then $(PY) -m pip install --quiet torch==$(TORCH); \
+	  else $(PY) -m pip install --quiet --index-url $(TORCH_CPU_INDEX) torch==$(TORCH); fi; }
+	$(PY) -m pip install --quiet -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m pip check
 	touch $(STAMP)
 
 install: $(STAMP)

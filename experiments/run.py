@@ -35,11 +35,12 @@ from experiments.schema import RunConfig, build_run_config  # noqa: E402
 from experiments.loop.trackers import make_tracker  # noqa: E402
 from experiments.loop.training import DivergedError, train  # noqa: E402
 from experiments.tasks import Task, build_task  # noqa: E402
+from experiments.threads import ThreadChoice, machine_threads  # noqa: E402
 from mora.adapters import (LLAMA_TARGETS, adapter_summary, check_targets, inject_adapters,  # noqa: E402
                            trainable_parameter_count)
 
 # config keys that may change between a run and its resumption
-RESUMABLE_KEYS = ("resume", "logger", "device", "skip_completed")
+RESUMABLE_KEYS = ("resume", "logger", "device", "skip_completed", "threads")
 # and keys that do not change what a completed run measured, so skip_completed may reuse it across them:
 # the preset's learning-rate tables (the rate the run used is compared as resolved.lr) and the evaluation
 # batch size (UUID prompts have equal lengths and C4 blocks are scored token by token, so batching only
@@ -74,15 +75,18 @@ def execute(cfg: DictConfig) -> dict:
     if done is not None:
         return done
     check_before_loading(run, config)
-    torch.manual_seed(run.seed)
-    model, task = build_model_and_task(run)
-    inject_adapters(model, run.adapter)
     # under a distributed launcher every process trains; rank 0 alone reports, evaluates and saves
     main_process = process_rank() == 0
+    threads = set_threads(run, main_process)
+    torch.manual_seed(run.seed)
+    model, task = build_model_and_task(run)
+    check_module_names(model, run)  # the loaded model, should it differ from its skeleton
+    inject_adapters(model, run.adapter)
     if main_process:
         print(describe_adapters(model, run))
         print(task.describe())
-    record = RunRecord.create(run.out_dir, config, resume=run.resume, ignore_on_resume=RESUMABLE_KEYS)
+    record = RunRecord.create(run.out_dir, config, resume=run.resume, ignore_on_resume=RESUMABLE_KEYS,
+                              environment={"threads": {"count": threads.count, "reason": threads.reason}})
     tracker = make_tracker(run.logger.get("kind", "none"), **_tracker_kwargs(run, config))
     status = "completed"
     try:
@@ -137,7 +141,27 @@ def check_before_loading(run: RunConfig, config: dict) -> None:
     if run.resume and (run.out_dir / CHECKPOINT).exists():
         check_checkpoint(run.out_dir / CHECKPOINT)
     if run.adapter.layer_kind is not None:
-        check_targets(model_skeleton(run.model, run.data_root), run.adapter)
+        check_module_names(model_skeleton(run.model, run.data_root), run)
+
+
+def check_module_names(model, run: RunConfig) -> None:
+    """``method.target_modules`` and ``method.trainable_modules`` must each match a module of
+    ``model`` (its skeleton before loading, the model after); the error names the field, the names
+    that match nothing and the model's Linear names."""
+    try:
+        check_targets(model, run.adapter)
+    except ValueError as err:  # mora names AdapterConfig's fields; the config holds them under method.
+        raise ValueError(f"method.{err}") from err
+
+
+def set_threads(run: RunConfig, main_process: bool) -> ThreadChoice:
+    """Set torch's CPU threads once, before any work, by ``run.threads`` (experiments/threads.py),
+    and say so in the run's header."""
+    choice = machine_threads(run.threads)
+    torch.set_num_threads(choice.count)
+    if main_process:
+        print(choice.describe())
+    return choice
 
 
 def build_model_and_task(run: RunConfig):

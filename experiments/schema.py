@@ -15,6 +15,7 @@ from experiments.loop.trackers import WANDB_MODES
 from experiments.models.local_base import BaseRecipe
 from experiments.paths import DEFAULT_DATA_ROOT
 from experiments.tasks import TaskSpec, task_spec
+from experiments.threads import check_threads
 from mora.adapters import AdapterConfig
 from mora.restarts import RestartConfig, check_restarts
 from mora.validation import check_bool, check_choice, check_float, check_int, check_known_fields
@@ -118,6 +119,7 @@ class RunConfig:
     logger: dict
     singular_values: bool = False      # save the spectra of ΔW = W_final - W_init (Fig. 5)
     skip_completed: bool = False       # make targets: skip a completed run, resume an interrupted one
+    threads: int | str = "auto"        # CPU threads: a number, or auto (experiments/threads.py)
 
 
 def _model_spec(cfg: DictConfig) -> ModelSpec:
@@ -276,6 +278,7 @@ def build_run_config(cfg: DictConfig, cuda_available: bool) -> RunConfig:
     resume = check_bool("resume", cfg.resume)
     skip_completed = check_bool("skip_completed", cfg.get("skip_completed", False))
     singular_values = check_bool("singular_values", cfg.get("singular_values", False))
+    threads = check_threads(cfg.get("threads", "auto"))
     model = _model_spec(cfg)
     device = ("cuda" if cuda_available else "cpu") if cfg.device == "auto" else cfg.device
     if device == "cuda" and not cuda_available:
@@ -295,4 +298,4 @@ def build_run_config(cfg: DictConfig, cuda_available: bool) -> RunConfig:
     return RunConfig(seed=cfg.seed, scale=cfg.scale.name, rank=rank, lr=lr,
                      resume=resume, device=device, out_dir=out_dir, data_root=data_root,
                      model=model, adapter=adapter, restarts=restarts, task=task, train=train, logger=logger,
-                     singular_values=singular_values, skip_completed=skip_completed)
+                     singular_values=singular_values, skip_completed=skip_completed, threads=threads)

@@ -42,14 +42,25 @@ BAD_INPUTS = [
     (["out_root="], "out_root"),
     (["out_root={tmp}/a_file"], "out_root"),  # a file, not a folder (made by the test)
     (["out_dir={tmp}/taken"], "out_dir"),  # already holds a run (made by the test)
+    (["out_dir={tmp}/a_file"], "out_dir"),
+    (["out_root=/proc/mora-runs"], "out_root"),  # no folder can be made there, not even by root
     (["logger=wandb", "logger.mode=sometimes"], "logger.mode"),
     (["logger=wandb", "+logger.mdoe=online"], "mdoe"),
     # module names, checked on the model's weightless skeleton
-    (["method.target_modules=[q_proj,qproj]"], "target_modules"),  # a base the repository pretrains
-    (["model=stories260k", "method.target_modules=[wq]"], "target_modules"),  # a llama2.c checkpoint
-    ([C4, "method=lora", "method.target_modules=[wq]"], "target_modules"),  # a LLaMA built from a config
-    ([C4, "method.trainable_modules=[embed_tokens,nrom]"], "trainable_modules"),
+    (["method.target_modules=[q_proj,qproj]"], "method.target_modules ['qproj']"),  # a base the repository pretrains
+    (["model=stories260k", "method.target_modules=[wq]"], "method.target_modules"),  # a llama2.c checkpoint
+    ([C4, "method=lora", "method.target_modules=[wq]"], "method.target_modules"),  # a LLaMA built from a config
+    ([C4, "method.trainable_modules=[embed_tokens,nrom]"], "method.trainable_modules"),
     (["method.target_modules=q_proj"], "method.target_modules"),  # a name, not a list
+    (["method.target_modules=[q_proj,1]"], "method.target_modules"),
+    (["method.target_modules=[]"], "target_modules"),
+    # how many CPU threads: auto or a positive integer (experiments/threads.py)
+    (["threads=0"], "threads"),
+    (["threads=-2"], "threads"),
+    (["threads=2.5"], "threads"),
+    (["threads=true"], "threads"),
+    (["threads=null"], "threads"),
+    (["threads=half"], "threads"),
     # already refused by experiments/schema.py and the specs it builds
     (["device=tpu"], "device"),
     (["device=cuda"], "device=cuda"),
@@ -116,6 +127,23 @@ def test_bad_input_fails_fast_in_one_line_naming_the_field(overrides, field, tmp
     message = str(caught.value)
     assert field in message and "\n" not in message, message
     assert not runs.exists()  # no half-made run folder
+
+
+@pytest.mark.usefixtures("one_thread")  # execute sets torch's threads: restored after this module
+def test_module_names_are_checked_again_on_the_loaded_model_before_any_folder(tmp_path, monkeypatch):
+    """Names are checked on the model's skeleton before loading; should the loaded model differ (the
+    skeleton here claims a Linear ``qproj`` that stories260K lacks), the same one-line error comes
+    after loading, before training or the run folder."""
+    skeleton = torch.nn.ModuleDict({"q_proj": torch.nn.Linear(2, 2), "qproj": torch.nn.Linear(2, 2)})
+    monkeypatch.setattr(run_module, "model_skeleton", lambda *args: skeleton)
+    monkeypatch.setattr(run_module, "train", refuse_to_load)
+    runs = tmp_path / "runs"
+    with pytest.raises(ValueError) as caught:
+        execute(compose("model=stories260k", "method.target_modules=[q_proj,qproj]", "device=cpu", f"out_root={runs}"))
+    message = str(caught.value)
+    assert message.startswith("method.target_modules ['qproj'] match no nn.Linear"), message
+    assert "'v_proj'" in message and "\n" not in message  # the Linear names the model has
+    assert not runs.exists()
 
 
 def run_cli(*overrides: str, **env: str) -> subprocess.CompletedProcess:

@@ -4,7 +4,8 @@ A run folder holds
 
 - ``config.yaml``: the resolved config, exactly what the run was given;
 - ``environment.json``: git SHA and dirty flag, package versions, hardware, start time, command
-  line; each resumed session appends its own environment under ``"resumes"``;
+  line, and what the caller adds (the entry point: the thread count and why); each resumed session
+  appends its own environment under ``"resumes"``;
 - ``metrics.jsonl``: one ``{"step", "time", ...}`` object per line, fsynced as it is written;
 - ``summary.json``: written once at the end (``status`` and whatever the caller reports); absent
   while the run is in progress or if it died without a word.
@@ -26,6 +27,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from importlib import metadata
@@ -58,13 +60,14 @@ class RunRecord:
 
     @classmethod
     def create(cls, run_dir: str | Path, config: dict, *, resume: bool,
-               ignore_on_resume: tuple[str, ...] = ()) -> RunRecord:
+               ignore_on_resume: tuple[str, ...] = (), environment: dict | None = None) -> RunRecord:
         """Start (or, with ``resume`` and an existing run there, continue) the run in ``run_dir``.
 
         Resuming refuses a config that differs from the saved one except at the dotted keys in
         ``ignore_on_resume`` (a key also covers everything under it), keeps ``metrics.jsonl`` and
         ``summary.json`` (call :meth:`truncate_after` with the checkpoint's step once it has loaded)
-        and rewrites ``config.yaml`` so it shows the ignored keys' new values.
+        and rewrites ``config.yaml`` so it shows the ignored keys' new values. ``environment`` adds
+        entries to this session's ``environment.json``.
         A fresh start refuses a folder that already holds a run rather than overwrite it
         (:func:`check_run_folder`). On a rank other than 0 nothing is checked or written (rank 0
         does both).
@@ -75,7 +78,7 @@ class RunRecord:
         resuming = check_run_folder(run_dir, config, resume=resume, ignore_on_resume=ignore_on_resume)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / CONFIG, yaml.safe_dump(config, sort_keys=False))
-        _write_environment(run_dir, resuming)
+        _write_environment(run_dir, resuming, environment or {})
         record = cls(run_dir)
         if resuming:
             record._keep_metrics(float("inf"))  # drops a torn last line before we append after it
@@ -235,10 +238,10 @@ def collect_environment() -> dict[str, Any]:
             "started_at": _now_iso(), "command": [sys.executable, *sys.argv]}
 
 
-def _write_environment(run_dir: Path, resuming: bool) -> None:
-    """Write this session's environment; a resumed session is appended under ``"resumes"`` so the
-    first session's record survives."""
-    env, path = collect_environment(), run_dir / ENVIRONMENT
+def _write_environment(run_dir: Path, resuming: bool, extra: dict) -> None:
+    """Write this session's environment (plus ``extra``); a resumed session is appended under
+    ``"resumes"`` so the first session's record survives."""
+    env, path = collect_environment() | extra, run_dir / ENVIRONMENT
     if resuming and path.exists():
         first = json.loads(path.read_text())
         first.setdefault("resumes", []).append(env)
@@ -278,9 +281,10 @@ def config_differences(run_dir: Path, config: dict, ignore: tuple[str, ...] = ()
 
 def check_run_folder(run_dir: str | Path, config: dict, *, resume: bool,
                      ignore_on_resume: tuple[str, ...] = ()) -> bool:
-    """What :meth:`RunRecord.create` refuses, checked without writing anything, so a caller can
-    refuse before loading a model: a folder that holds a run (unless ``resume``), a resumed config
-    that differs (:func:`config_differences`), a place where no folder can be made. Returns
+    """What :meth:`RunRecord.create` refuses, checked leaving nothing behind, so a caller can refuse
+    before loading a model: a folder that holds a run (unless ``resume``), a resumed config that
+    differs (:func:`config_differences`), a place where no folder can be made (tried: an empty
+    folder is made and removed in the nearest folder that exists). Returns
     whether the run there would be resumed. Ranks other than 0 check nothing (rank 0 writes)."""
     run_dir = Path(run_dir)
     if process_rank() != 0:
@@ -295,9 +299,11 @@ def check_run_folder(run_dir: str | Path, config: dict, *, resume: bool,
     if not existing.is_dir():
         raise NotADirectoryError(f"cannot make the run folder {run_dir}: {existing} is not a folder; choose "
                                  "another out_dir or out_root")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot make the run folder {run_dir}: {existing} is not writable; choose "
-                              "another out_dir or out_root")
+    try:  # os.access says yes to root on a read-only or special file system (/proc): try it
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=existing))
+    except OSError as err:
+        raise PermissionError(f"cannot make the run folder {run_dir}: {existing} is not writable "
+                              f"({err.strerror}); choose another out_dir or out_root") from err
     return resuming
 
 

@@ -2,7 +2,8 @@
 
 The run folder (``experiments/loop/records.py``) is the record of a run; a tracker is a mirror of it
 for live dashboards. So a tracker must never stop a run: W&B errors are reported once and the
-tracker turns into a no-op. W&B runs offline unless the config asks for ``online``.
+tracker turns into a no-op. W&B runs offline unless the config asks for ``online``, and offline
+means offline: no network attempt of any kind (tests/test_trackers.py watches the syscalls).
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from experiments.loop.records import process_rank
 
 TRACKER_KINDS = ("none", "wandb")
 WANDB_MODES = ("offline", "online", "disabled")
+# what W&B may not do unless it streams (wandb 0.31): system metrics, machine info, git and code
+# capture are off, as the run folder records the environment itself (environment.json)
+LOCAL_ONLY_SETTINGS = {"x_disable_stats": True, "x_disable_meta": True, "x_disable_machine_info": True,
+                       "disable_git": True, "disable_code": True, "save_code": False}
 
 
 class Tracker(Protocol):
@@ -50,14 +55,23 @@ class WandbTracker:
         self._guard("init", self._init, project=project, name=run_name, config=config, mode=mode,
                     dir=dir, group=group, tags=list(tags))
 
-    def _init(self, dir: str | Path, **kwargs: Any) -> None:
+    def _init(self, dir: str | Path, mode: str, **kwargs: Any) -> None:
         """Start the W&B run; ``silent`` keeps wandb's banner out of the logs without touching
-        ``WANDB_SILENT`` for the rest of the process."""
+        ``WANDB_SILENT`` for the rest of the process.
+
+        Not streaming (offline or disabled), the process's W&B settings are made offline too
+        (``wandb.setup``): wandb's own analytics (OpenTelemetry) read those, not the run's, and
+        otherwise probe the W&B server from a thread at exit (wandb 0.31: a DNS lookup of
+        api.forge.coreweave.com); a disabled run's settings would still let them start."""
         import wandb
 
+        settings = {"silent": True}
+        if mode != "online":
+            settings |= LOCAL_ONLY_SETTINGS
+            wandb.setup(settings=wandb.Settings(mode="offline", **LOCAL_ONLY_SETTINGS))
         Path(dir).mkdir(parents=True, exist_ok=True)
-        self._run = wandb.init(dir=str(dir), reinit="finish_previous",
-                               settings=wandb.Settings(silent=True), **kwargs)
+        self._run = wandb.init(dir=str(dir), mode=mode, reinit="finish_previous",
+                               settings=wandb.Settings(**settings), **kwargs)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         """Send ``metrics`` at ``step`` (no-op once W&B has failed)."""
