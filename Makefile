@@ -95,21 +95,31 @@ uuid-pairs-sweep: table2
 
 uuid: fig2 fig3 table2 uuid-pairs-sweep
 
-# ---- C4 pretraining from scratch (Section 5.3, Appendix B), mini scale. The three targets share
-# their runs (completed runs are skipped); every run saves its loss curve, perplexity and ΔW spectra.
-PRETRAIN        := $(PY) experiments/run.py -m experiment=pretrain_c4
+# ---- C4 pretraining from scratch (Section 5.3, Appendix B), mini scale: conf/preset/c4_mini.yaml, calibrated from
+# the baselines alone (docs/calibration.md, Amendment 5). The three targets share their runs (completed runs are
+# skipped); every run saves its loss curve, perplexity and ΔW spectra. Each arm runs its grid (lr_grid_by_method)
+# at seed 0, then its chosen rate (analysis best-lr --task c4, Table 3's rule) at C4_SEEDS; JOBS runs at once.
+PRETRAIN         = $(FINETUNE) experiment=pretrain_c4
 PRETRAIN_REPORT := $(PY) -m analysis pretrain --runs results/runs --out reports/pretrain
+C4_ADAPTERS     := lora mora relora remora
+C4_SEEDS        ?= 1,2
+C4_LR_GRID       = $$($(PY) experiments/lr_grid.py task=c4 method=$(1))
+C4_BEST_LR       = $$($(PY) -m analysis best-lr --task c4 --runs results/runs --method $(1) $(2))
 
 ## Fig. 4 (loss curves), Table 3 (C4 validation perplexity), Fig. 5 (singular values of ΔW > 0.1)
 fig4 table3 fig5 pretrain: $(STAMP)
-	$(PRETRAIN) method=fft,lora,mora,relora,remora seed=$(SEEDS)
+	$(PRETRAIN) method=fft lr=$(call C4_LR_GRID,fft) seed=0
+	for m in $(C4_ADAPTERS); do $(PRETRAIN) method=$$m lr=$(call C4_LR_GRID,$$m) seed=0 || exit 1; done
+	$(PRETRAIN) method=fft lr=$(call C4_BEST_LR,fft) seed=$(C4_SEEDS)
+	for m in $(C4_ADAPTERS); do $(PRETRAIN) method=$$m lr=$(call C4_BEST_LR,$$m,--rank 128) seed=$(C4_SEEDS) || exit 1; done
 	$(PRETRAIN_REPORT)
 
-## how the mini preset's learning rates were chosen: seed 0 of every arm at 1e-3 and 1e-2 beside
-## the preset's 3e-3 (results/lr_sweep/ + results/runs/), reports/pretrain/lr_sweep.md (~15 min)
-pretrain-lr-sweep: $(STAMP)
-	$(PRETRAIN) method=fft,lora,mora,relora,remora lr=1e-3,3e-3,1e-2 seed=0 out_root=results/lr_sweep
-	$(PY) -m analysis pretrain-lr --runs results/lr_sweep --out reports/pretrain
+## C4 calibration (docs/calibration.md, Amendment 5): FFT and LoRA only, seed 0, on the x2 ladder of learning
+## rates, into results/runs/ (Table 3 reuses them); reports/calibration_c4/c4_calibration.md
+CAL_C4_LR ?= 5e-4,1e-3,2e-3,4e-3,8e-3
+calibrate-c4: $(STAMP)
+	$(FINETUNE) experiment=pretrain_c4 method=fft,lora lr=$(CAL_C4_LR) seed=0
+	$(PY) -m analysis c4-calibration --runs results/runs --out reports/calibration_c4
 
 # ---- Fine-tuning (Section 5.2, Table 5, Appendix C), mini scale: stories260K, 100 steps, lm-eval after
 # training. Runs are small, so JOBS of them run at once (Hydra's joblib launcher, one thread each);
@@ -216,9 +226,9 @@ calibrate-uuid-base: base
 base: $(STAMP)
 	$(PY) experiments/build_base.py --model stories_w128
 
-## why LoRA ends below FFT in mini C4 pretraining (docs/calibration.md): FFT and LoRA r=128 at seed 0 under a
+## why LoRA ends below FFT in the first mini C4 preset (docs/calibration.md): FFT and LoRA r=128 at seed 0 under a
 ## finer FFT lr grid, 4x the steps, and LoRA with embeddings/norms/head frozen; reports/c4_diagnosis/c4_diagnosis.md
-C4_DIAG := $(FINETUNE) experiment=pretrain_c4 seed=0
+C4_DIAG := $(FINETUNE) experiment=pretrain_c4_first_mini seed=0
 c4-diagnosis: $(STAMP)
 	$(C4_DIAG) method=fft lr=1e-3,2e-3,3e-3,5e-3,1e-2 out_root=results/c4_diagnosis/preset
 	$(C4_DIAG) method=lora lr=3e-3 out_root=results/c4_diagnosis/preset
@@ -250,3 +260,4 @@ figures: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache results/bench
+

@@ -1,13 +1,14 @@
-"""``python -m analysis uuid|pretrain|finetune|regime|calibrate-uuid|uuid-pairs|c4-diagnosis|best-lr|figures --runs results/runs --out reports/<name>``: the paper's figures and tables.
+"""``python -m analysis uuid|pretrain|finetune|regime|calibrate-uuid|uuid-pairs|c4-diagnosis|c4-calibration|best-lr|figures --runs results/runs --out reports/<name>``: the paper's figures and tables.
 
 ``uuid``: Fig. 2, Fig. 3 and Table 2 (UUID memorisation). ``pretrain``: Fig. 4, Table 3 and Fig. 5
 (C4 pretraining). ``finetune``: Tables 1, 4, 6 and 7 (fine-tuning, lm-eval scores). ``regime``: whether
 each `mini` experiment is in the paper's regime (presets, models and run folders). ``calibrate-uuid``: the
 UUID calibration rule of docs/calibration.md applied to the FFT and LoRA calibration runs. ``uuid-pairs``: UUID
 accuracy and the MoRA − LoRA gap as the number of pairs grows. ``c4-diagnosis``: why LoRA ends below FFT in
-`mini` C4 pretraining (baselines under a finer lr grid, longer training, frozen embeddings). ``best-lr``: the learning rate Table 2's
-rule chooses for one arm (the pairs sweep reads it). ``figures``: the
-README's figures (Fig. 2-5, the Table 1 bars) as PNGs under fixed names, into docs/figures/. Reads run folders
+the first `mini` C4 preset (baselines under a finer lr grid, longer training, frozen embeddings).
+``c4-calibration``: the C4 calibration rule (Amendment 5) applied to the FFT and LoRA runs of the current preset.
+``best-lr``: the learning rate Table 2's (or Table 3's) rule chooses for one arm (the pairs sweep and
+`make table3` read it). ``figures``: the README's figures (Fig. 2-5, the Table 1 bars) as PNGs under fixed names, into docs/figures/. Reads run folders
 only; exits 1 with a message when no run matches.
 """
 
@@ -21,11 +22,12 @@ from typing import Callable
 
 import yaml
 
+from analysis.c4_calibration import write_calibration_report as write_c4_calibration_report
 from analysis.c4_diagnosis import preset_train_tokens, write_diagnosis_report
 from analysis.calibration import write_calibration_report
 from analysis.pairs_sweep import write_sweep_report
-from analysis.pretrain_figures import (FIG5_THRESHOLD, group_pretrain_runs, load_pretrain_runs, lr_sweep_markdown,
-                                      write_pretrain_report)
+from analysis.pretrain_figures import (FIG5_THRESHOLD, choose_pretrain_lr, group_pretrain_runs, load_pretrain_runs,
+                                      lr_sweep_markdown, write_pretrain_report)
 from analysis.finetune_tables import load_finetune_runs, lr_sweep_markdown as finetune_lr_markdown, write_finetune_report
 from analysis.readme_figures import write_readme_figures
 from analysis.regime import write_report as write_regime_report
@@ -93,8 +95,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            help="diagnosis root (default: %(default)s)")
     diagnosis.add_argument("--out", type=Path, default=Path("reports/c4_diagnosis"),
                            help="output folder (default: %(default)s)")
-    best = sub.add_parser("best-lr", help="print the learning rate Table 2's rule chooses for one arm (for the Makefile)")
+    c4_cal = sub.add_parser("c4-calibration", help="the C4 calibration rule on the FFT and LoRA runs: c4_calibration.md")
+    c4_cal.add_argument("--runs", type=Path, default=Path("results/runs"), help="results root (default: %(default)s)")
+    c4_cal.add_argument("--out", type=Path, default=Path("reports/calibration_c4"),
+                        help="output folder (default: %(default)s)")
+    best = sub.add_parser("best-lr", help="print the learning rate Table 2's (uuid) or Table 3's (c4) rule chooses "
+                          "for one arm (for the Makefile)")
     best.add_argument("--runs", type=Path, default=Path("results/runs"), help="results root (default: %(default)s)")
+    best.add_argument("--task", choices=("uuid", "c4"), default="uuid", help="whose rule (default: %(default)s)")
     best.add_argument("--method", required=True, help="method name, e.g. lora")
     best.add_argument("--rank", type=int, default=None, help="paper rank (omit for FFT)")
     best.add_argument("--where", type=_filter, action="append", default=[], metavar="KEY=VALUE",
@@ -262,22 +270,34 @@ def c4_diagnosis_report(args: argparse.Namespace) -> int:
     return _one_file_report(args, lambda: write_diagnosis_report(args.runs, args.out, preset_train_tokens()))
 
 
+def c4_calibration_report(args: argparse.Namespace) -> int:
+    """Apply the C4 calibration rule to the seed-0 FFT and LoRA runs of the current preset; 1 if there are none."""
+    return _one_file_report(args, lambda: write_c4_calibration_report(args.runs, args.out))
+
+
 def best_lr_report(args: argparse.Namespace) -> int:
-    """Print the chosen learning rate of one UUID arm (:data:`analysis.runs.SELECTION_RULE`); 1 if none."""
+    """Print the chosen learning rate of one arm: UUID by :data:`analysis.runs.SELECTION_RULE`, C4 by
+    :data:`analysis.pretrain_figures.PRETRAIN_SELECTION_RULE`; 1 if none or several arms match."""
     if _no_runs_folder(args.runs):
         return 1
     try:
-        runs = [r for r in load_runs(args.runs, task="uuid", **dict(args.where))
-                if r.method == args.method and r.rank == args.rank]
+        if args.task == "uuid":
+            runs = [r for r in load_runs(args.runs, task="uuid", **dict(args.where))
+                    if r.method == args.method and r.rank == args.rank]
+            chosen = [s.chosen.lr for s in select_learning_rates(runs) if s.chosen]
+        else:
+            runs = [r for r in load_pretrain_runs(args.runs, **dict(args.where))
+                    if r.run.method == args.method and r.run.rank == args.rank]
+            keys = {r.key for r in runs}
+            chosen = [choose_pretrain_lr([r for r in runs if r.key == key]) for key in keys]
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    chosen = [s.chosen for s in select_learning_rates(runs) if s.chosen]
     if len(chosen) != 1:
         print(f"error: {len(chosen)} arms of method={args.method} rank={args.rank} with an eligible learning rate under "
               f"{args.runs} (filters={dict(args.where) or 'none'}); expected exactly one", file=sys.stderr)
         return 1
-    print(f"{chosen[0].lr:g}")
+    print(f"{chosen[0]:g}")
     return 0
 
 
@@ -294,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     return {"uuid": uuid_report, "pretrain": pretrain_report, "pretrain-lr": pretrain_lr_report,
             "finetune": finetune_report, "finetune-lr": finetune_lr_report, "regime": regime_report,
             "calibrate-uuid": calibrate_uuid_report, "figures": figures_report, "uuid-pairs": uuid_pairs_report,
-            "c4-diagnosis": c4_diagnosis_report, "best-lr": best_lr_report}[args.report](args)
+            "c4-diagnosis": c4_diagnosis_report, "c4-calibration": c4_calibration_report,
+            "best-lr": best_lr_report}[args.report](args)
 
 
 if __name__ == "__main__":

@@ -78,14 +78,15 @@ def diagnosis_markdown(runs: Sequence[DiagnosisRun], train_tokens: int | None = 
     return "\n".join(lines) + "\n"
 
 
-def preset_train_tokens() -> int:
-    """Tokens in the `mini` preset's packed training split (what one epoch is), counted by building its task."""
-    from analysis.regime import c4_run
-    from experiments.tasks import build_task
+# the miniature the diagnosis measured (conf/experiment/pretrain_c4_first_mini.yaml; `make c4-diagnosis`)
+DIAGNOSED_EXPERIMENT = "experiment=pretrain_c4_first_mini"
 
-    run = c4_run("mini", "fft")
-    task = build_task(run.task, None, batch_size=run.train.batch_size, seed=0, data_root=run.data_root)
-    return int(task.train_blocks.numel())
+
+def preset_train_tokens(experiment: str = DIAGNOSED_EXPERIMENT) -> int:
+    """Tokens in an experiment's `mini` packed training split (what one epoch is)."""
+    from analysis.regime import c4_train_tokens
+
+    return c4_train_tokens(experiment)
 
 
 def write_diagnosis_report(root: str | Path, out: str | Path, train_tokens: int | None = None) -> Path:

@@ -7,8 +7,9 @@
   written by ``experiments/evaluation/spectra.py``), also as a Markdown table.
 
 Each line, row or bar is one (scale, model, method, operator, paper rank), mean ± sample std over
-its seeds; only completed runs count (the others are listed in the notes). There is no learning-rate
-search here: a group whose seeds ran at several learning rates is refused (filter with ``--where``).
+its seeds; only completed runs count (the others are listed in the notes). A group that ran several
+learning rates (``make table3``: a grid at seed 0, the chosen rate at seeds 1 and 2) keeps one by
+:data:`PRETRAIN_SELECTION_RULE`.
 Figures are drawn with :mod:`analysis.plotting`, without pyplot.
 """
 
@@ -30,6 +31,14 @@ from analysis.runs import (Run, Stat, aggregate_curves, check_unique, format_sta
 from experiments.loop.records import find_runs
 
 TASK, PERPLEXITY, EVAL_TOKENS = "c4", "eval/perplexity", "eval/tokens"
+
+PRETRAIN_SELECTION_RULE = (
+    "For each (scale, model, method, operator, paper rank) group that ran several learning rates, each rate is "
+    "scored by the mean final validation perplexity of the seeds that ran at every rate of the group (seed 0 "
+    "under `make table3`, which runs each arm's grid at seed 0 and its chosen rate at seeds 1 and 2); the lowest "
+    "wins, ties to the smaller rate; a rate with one of those seeds not completed is not eligible. The group "
+    "reports every completed seed at the chosen rate (best-of-grid, as the paper reports its grids; the paper "
+    "states no grid for Table 3, docs/calibration.md Amendment 5 gives this one).")
 
 # The paper's published Table 3 (Jiang et al. 2024): C4 validation perplexity of LLaMA-style models
 # pretrained from scratch (10K steps, batch 1024, 512 tokens, r = 128). These are the numbers we
@@ -96,6 +105,7 @@ class PretrainGroup:
     runs: tuple[PretrainRun, ...]
     loss: dict[int, Stat]
     perplexity: Stat
+    rates_tried: tuple[float, ...] = ()   # every learning rate the group ran (the chosen one among them)
 
     @property
     def lr(self) -> float:
@@ -140,7 +150,7 @@ def load_pretrain_runs(root: str | Path, **filters: Any) -> list[PretrainRun]:
     Raises ValueError if two folders hold the same (scale, model, method, operator, rank, seed).
     """
     runs = [pretrain_run_from_record(r) for r in find_runs(root, **{"task.name": TASK, **filters})]
-    check_unique(runs, lambda r: (*r.key, r.run.seed), "(scale, model, method, operator, rank, seed)")
+    check_unique(runs, lambda r: (*r.key, r.run.lr, r.run.seed), "(scale, model, method, operator, rank, lr, seed)")
     return runs
 
 
@@ -148,23 +158,44 @@ def _row_order(key: PretrainKey) -> tuple:
     return *method_order(key.method), key.operator or "", -1 if key.rank is None else key.rank
 
 
-def group_pretrain_runs(runs: Iterable[PretrainRun]) -> dict[PretrainKey, PretrainGroup]:
-    """One :class:`PretrainGroup` per key from the completed runs, in row order (scale, model from
-    small to large, then the methods' order in :data:`analysis.methods.METHODS`). Raises ValueError
-    if a group's seeds ran at several learning rates."""
-    by_key: dict[PretrainKey, list[PretrainRun]] = defaultdict(list)
+def choose_pretrain_lr(runs: Sequence[PretrainRun]) -> float:
+    """The learning rate :data:`PRETRAIN_SELECTION_RULE` keeps among one group's runs (all statuses).
+    Raises ValueError when no rate is eligible."""
+    by_lr: dict[float, dict[int, PretrainRun]] = defaultdict(dict)
     for run in runs:
-        if run.run.status == "completed":
-            by_key[run.key].append(run)
+        by_lr[run.run.lr][run.run.seed] = run
+    if len(by_lr) == 1:
+        return next(iter(by_lr))
+    grid_seeds = set.intersection(*(set(seeds) for seeds in by_lr.values()))
+    scores = {}
+    for lr, seeds in by_lr.items():
+        finals = [seeds[s].final_perplexity for s in grid_seeds
+                  if seeds[s].run.status == "completed" and not math.isnan(seeds[s].final_perplexity)]
+        if grid_seeds and len(finals) == len(grid_seeds):
+            scores[lr] = sum(finals) / len(finals)
+    if not scores:
+        raise ValueError(f"{runs[0].key}: no learning rate of {sorted(by_lr)} has every seed run at all of them "
+                         f"({sorted(grid_seeds) or 'none'}) completed with a perplexity")
+    return min(scores, key=lambda lr: (scores[lr], lr))
+
+
+def group_pretrain_runs(runs: Iterable[PretrainRun]) -> dict[PretrainKey, PretrainGroup]:
+    """One :class:`PretrainGroup` per key from the completed runs at the key's chosen learning rate
+    (:func:`choose_pretrain_lr`), in row order (scale, model from small to large, then the methods'
+    order in :data:`analysis.methods.METHODS`)."""
+    every: dict[PretrainKey, list[PretrainRun]] = defaultdict(list)
+    for run in runs:
+        every[run.key].append(run)
+    chosen = {key: choose_pretrain_lr(rs) for key, rs in every.items()}
+    by_key = {key: [r for r in rs if r.run.status == "completed" and r.run.lr == chosen[key]]
+              for key, rs in every.items()}
+    by_key = {key: rs for key, rs in by_key.items() if rs}
     groups = {}
     for key in sorted(by_key, key=lambda k: (k.scale, by_key[k][0].width, k.model, *_row_order(k))):
         members = tuple(sorted(by_key[key], key=lambda r: r.run.seed))
-        lrs = sorted({r.run.lr for r in members})
-        if len(lrs) > 1:
-            raise ValueError(f"{key} has seeds at several learning rates {lrs}; keep one with "
-                             "--where resolved.lr=<value> (there is no learning-rate selection here)")
         finals = [r.final_perplexity for r in members if not math.isnan(r.final_perplexity)]
-        groups[key] = PretrainGroup(key, members, aggregate_curves(r.run.loss for r in members), mean_std(finals))
+        groups[key] = PretrainGroup(key, members, aggregate_curves(r.run.loss for r in members), mean_std(finals),
+                                    tuple(sorted({r.run.lr for r in every[key]})))
     return groups
 
 
@@ -301,10 +332,13 @@ def _table3_section(rows: list[PretrainGroup]) -> list[str]:
                 else "(compare with the column of the matching size)."), "",
              f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
     for g in rows:
-        cells = [method_label(g.key, with_op), rank_label(g), f"{g.lr:g}", format_stat(g.perplexity, 2),
+        grid = f" (of {', '.join(f'{lr:g}' for lr in g.rates_tried)})" if len(g.rates_tried) > 1 else ""
+        cells = [method_label(g.key, with_op), rank_label(g), f"{g.lr:g}{grid}", format_stat(g.perplexity, 2),
                  *_paper_cells(g.key.method)]
         lines.append(f"| {' | '.join(cells)} |")
-    return lines + ["", *_eval_notes(rows), *ranking_notes(rows), ""]
+    selection = [f"- lr: the chosen rate; with several tried, {PRETRAIN_SELECTION_RULE}"] \
+        if any(len(g.rates_tried) > 1 for g in rows) else []
+    return lines + ["", *_eval_notes(rows), *selection, *ranking_notes(rows), ""]
 
 
 def table3_markdown(runs: Sequence[PretrainRun]) -> str:

@@ -515,6 +515,24 @@ def c4_token_rows() -> list[Row]:
             ratio_row("tokens per non-embedding parameter", *per_non_embedding)]
 
 
+@lru_cache(maxsize=None)
+def c4_train_tokens(experiment: str = "experiment=pretrain_c4") -> int:
+    """Tokens in an experiment's `mini` packed training split (what one epoch is), counted by building its task."""
+    run = run_config(experiment, "scale=mini", "method=fft")
+    task = build_task(run.task, None, batch_size=run.train.batch_size, seed=0, data_root=run.data_root)
+    return int(task.train_blocks.numel())
+
+
+def c4_epoch_row() -> Row:
+    """Passes over the training text: the paper streams C4 once (5.24B tokens of a far larger split); the mini
+    corpus is 970 documents, so more tokens per parameter there means repeating them (Amendment 5)."""
+    epochs = tokens(c4_run("mini", "fft")) / c4_train_tokens()
+    verdict = (Verdict(IN, "one pass or less, as the paper") if epochs <= 1
+               else Verdict(OUT, f"mini repeats its corpus ×{epochs:.2g} (the paper never repeats a token)"))
+    return Row("epochs over the training text", "< 1 (one pass of the streamed C4 train split)", f"{epochs:.3g}",
+               verdict)
+
+
 def c4_embedding_rows() -> list[Row]:
     rows = []
     for method in C4_ARMS:
@@ -563,8 +581,8 @@ def c4_table(root: Path) -> Table:
     mini_cfg = compose("experiment=pretrain_c4", "scale=mini")
     runs = preset_runs(root, "c4", mini_cfg, C4_PRESET_KEYS)
     rank = c4_run("paper", "lora").rank.paper_rank
-    rows = (*c4_token_rows(), *c4_embedding_rows(), *rank_rows(lambda scale, r: c4_run(scale, "mora"), (rank,)),
-            *c4_schedule_rows(), *c4_lr_rows(runs))
+    rows = (*c4_token_rows(), c4_epoch_row(), *c4_embedding_rows(),
+            *rank_rows(lambda scale, r: c4_run(scale, "mora"), (rank,)), *c4_schedule_rows(), *c4_lr_rows(runs))
     return Table("C4 pretraining from scratch: Fig. 4, Table 3, Fig. 5 (Section 5.3)", c4_context(runs, root), rows)
 
 

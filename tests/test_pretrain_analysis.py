@@ -92,17 +92,42 @@ def test_loads_only_c4_and_groups_completed_seeds(runs):
     assert lora.model_label == "llama_mini (hidden 128, 2 layers)"
 
 
-def test_repeated_seed_and_mixed_learning_rates_are_refused(tmp_path):
+def test_repeated_seed_is_refused(tmp_path):
     write_run(tmp_path / "a", "lora", 0, 40.0)
     write_run(tmp_path / "b", "lora", 0, 40.0)
     with pytest.raises(ValueError, match="several runs share"):
         load_pretrain_runs(tmp_path)
-    mixed = tmp_path / "mixed"
-    write_run(mixed, "lora", 0, 40.0, lr=1e-3)
-    write_run(mixed, "lora", 1, 40.0, lr=3e-3)
-    with pytest.raises(ValueError, match="several learning rates"):
-        group_pretrain_runs(load_pretrain_runs(mixed))
-    assert cli_main(["pretrain", "--runs", str(mixed), "--out", str(tmp_path / "out")]) == 1
+
+
+def test_a_grid_at_seed_0_keeps_its_best_rate_with_every_seed_there(tmp_path, capsys):
+    # make table3's shape: the grid at seed 0, the chosen rate at seeds 1 and 2
+    for lr, ppl in [(1e-3, 50.0), (2e-3, 40.0), (4e-3, 45.0)]:
+        write_run(tmp_path, "lora", 0, ppl, lr=lr)
+    for seed, ppl in [(1, 44.0), (2, 42.0)]:
+        write_run(tmp_path, "lora", seed, ppl, lr=2e-3)
+    write_run(tmp_path, "lora", 1, 10.0, lr=4e-3)    # a stray seed at another rate is not part of the score
+    group = group_pretrain_runs(load_pretrain_runs(tmp_path))[LORA]
+    assert group.lr == 2e-3 and group.seeds == (0, 1, 2) and group.perplexity.mean == pytest.approx(42.0)
+    assert group.rates_tried == (1e-3, 2e-3, 4e-3)
+    table = table3_markdown(load_pretrain_runs(tmp_path))
+    assert "| 0.002 (of 0.001, 0.002, 0.004) | 42.00 ± 2.00 (3) |" in table
+    assert "scored by the mean final validation perplexity of the seeds that ran at every rate" in table
+    capsys.readouterr()
+    assert cli_main(["best-lr", "--task", "c4", "--runs", str(tmp_path), "--method", "lora", "--rank", "128"]) == 0
+    assert capsys.readouterr().out.strip() == "0.002"
+    assert cli_main(["best-lr", "--task", "c4", "--runs", str(tmp_path), "--method", "mora", "--rank", "128"]) == 1
+
+
+def test_a_rate_whose_grid_seed_failed_is_not_eligible(tmp_path):
+    write_run(tmp_path, "lora", 0, 30.0, lr=1e-3, status="diverged")
+    write_run(tmp_path, "lora", 0, 40.0, lr=2e-3)
+    assert group_pretrain_runs(load_pretrain_runs(tmp_path))[LORA].lr == 2e-3
+    only_failed = tmp_path / "failed"
+    write_run(only_failed, "lora", 0, 30.0, lr=1e-3, status="diverged")
+    write_run(only_failed, "lora", 1, 40.0, lr=2e-3)      # no seed ran at both rates
+    with pytest.raises(ValueError, match="no learning rate"):
+        group_pretrain_runs(load_pretrain_runs(only_failed))
+    assert cli_main(["pretrain", "--runs", str(only_failed), "--out", str(tmp_path / "out")]) == 1
 
 
 def test_moving_average_by_hand():
