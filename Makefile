@@ -261,3 +261,13 @@ figures: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache results/bench
 
+# ---- The paper path, rehearsed on CPU against local stand-ins of the hub (rehearsal/README.md)
+
+## every scale=paper preset (UUID, Tülu, MetaMath, biomedicine, finance, C4 250M and 1.3B) with every method, a few
+## optimizer steps through experiments/run.py, offline (HF_HUB_OFFLINE=1) with HF_HOME at stand-ins built from data/;
+## every lm-eval task of the paper tables on 2 documents, ReLoRA/ReMoRA merges, a killed run resumed, eval.py --merge.
+## Prints a pass/fail table with wall times. REHEARSAL_ARGS: e.g. --only c4_paper, --keep, --work DIR
+REHEARSAL_ARGS ?=
+.PHONY: rehearse-paper
+rehearse-paper: $(STAMP)
+	$(PY) -m rehearsal $(REHEARSAL_ARGS)

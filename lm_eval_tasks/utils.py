@@ -33,6 +33,7 @@ from experiments.data.finetune import (ALPACA_FILE, GSM8K_FILES, HELDOUT_EVERY, 
                                        is_heldout, load_pubmedqa, normalize_number, pubmedqa_abstract,
                                        pubmedqa_eval_ids, pubmedqa_ids, pubmedqa_prompt, pubmedqa_train_ids,
                                        split_pubmedqa)
+from experiments.data.columns import require_columns
 from experiments.data.offline import DEFAULT_DATA_ROOT, verify_files
 
 GSM8K_TEST = GSM8K_FILES["test"]
@@ -143,6 +144,7 @@ def gsm8k_row(record: dict) -> dict:
 
 def process_gsm8k_docs(dataset: datasets.Dataset) -> datasets.Dataset:
     """The hub's ``openai/gsm8k`` test split, given the same fields as the offline copy."""
+    require_columns(dataset, ("question", "answer"), "openai/gsm8k (gsm8k_metamath's dataset_path)")
     return dataset.map(gsm8k_row, remove_columns=dataset.column_names)
 
 
@@ -190,6 +192,11 @@ def load_alpaca_heldout(data_root=None, tokenizer=None, heldout_every: int = HEL
 # Generation records (ConvFinQA, NER) hold ``label``: greedy decoding to the first newline.
 
 ADAPTLLM_REPOS = {"medicine": "AdaptLLM/medicine-tasks", "finance": "AdaptLLM/finance-tasks"}
+# the fields our tasks read: classification sets (options, gold_index; Headline also class_id), generation sets (label)
+ADAPTLLM_COLUMNS = {"PubMedQA": ("options", "gold_index"), "USMLE": ("options", "gold_index"),
+                    "RCT": ("options", "gold_index"), "FiQA_SA": ("options", "gold_index"),
+                    "FPB": ("options", "gold_index"), "Headline": ("options", "gold_index", "class_id"),
+                    "ConvFinQA": ("label",), "NER": ("label",)}
 
 
 def load_adaptllm(domain: str, subset: str, tokenizer=None, adaptllm_root=None, **_) -> datasets.DatasetDict:
@@ -201,6 +208,8 @@ def load_adaptllm(domain: str, subset: str, tokenizer=None, adaptllm_root=None, 
         test = datasets.Dataset.from_list([json.loads(line) for line in lines if line.strip()])
     else:
         test = datasets.load_dataset(ADAPTLLM_REPOS[domain], subset, split="test")
+    source = f"{adaptllm_root}/{subset}.jsonl" if adaptllm_root else f"{ADAPTLLM_REPOS[domain]} config {subset}"
+    require_columns(test, ("input", *ADAPTLLM_COLUMNS.get(subset, ())), source, None if adaptllm_root else "test")
     if "options" in test.column_names:
         tokenizer = require_tokenizer(tokenizer, f"AdaptLLM {subset}")
         test = test.add_column("option_tokens", _option_token_counts(tokenizer, test["input"], test["options"]))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 
+from experiments.data.columns import require_columns
 from experiments.data.offline import verify_files
 
 
@@ -47,7 +48,8 @@ def hub_stream_loader(dataset: str, config: str) -> Callable[[str], Iterable[dic
     """``split -> streamed rows`` of a hub dataset (contacts the hub when called)."""
     def load(split: str):
         from datasets import load_dataset  # imported here: only the hub path needs datasets
-        return load_dataset(dataset, config, split=split, streaming=True)
+        return require_columns(load_dataset(dataset, config, split=split, streaming=True), ("text",),
+                               f"{dataset} config {config}", split)
     return load
 
 

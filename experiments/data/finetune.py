@@ -28,6 +28,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from experiments.data.adaptllm import AdaptLLMConfig, convert_corpus, domain_keywords, mix_with_instructions
+from experiments.data.columns import require_columns
 from experiments.data.offline import DEFAULT_DATA_ROOT, verify_files
 
 GSM8K_FILES = {"train": "finetune/gsm8k_train.jsonl", "test": "finetune/gsm8k_test.jsonl"}
@@ -116,7 +117,8 @@ def tulu_example(messages: Sequence[dict]) -> Example | None:
 
 def load_tulu_v2(load_dataset: Callable, name: str = TULU_V2, split: str = "train") -> list[Example]:
     """Every Tülu v2 conversation (``messages`` rows) with at least one assistant turn."""
-    examples = (tulu_example(row["messages"]) for row in load_dataset(name, split=split))
+    rows = require_columns(load_dataset(name, split=split), ("messages.role", "messages.content"), name, split)
+    examples = (tulu_example(row["messages"]) for row in rows)
     return [example for example in examples if example is not None]
 
 
@@ -166,7 +168,8 @@ def metamath_pair(query: str, response: str) -> tuple[str, str]:
 
 def load_metamathqa(load_dataset: Callable, name: str = METAMATHQA, split: str = "train") -> list[tuple[str, str]]:
     """MetaMathQA's (query, response) rows as prompt/response pairs."""
-    return [metamath_pair(row["query"], row["response"]) for row in load_dataset(name, split=split)]
+    rows = require_columns(load_dataset(name, split=split), ("query", "response"), name, split)
+    return [metamath_pair(row["query"], row["response"]) for row in rows]
 
 
 # ------------------------------------------------------------------------------------ GSM8K

@@ -127,9 +127,10 @@ def flat_metrics(raw: dict) -> dict[str, float]:
 
     lm-eval keys a metric ``"<metric>,<filter>"``; the filter is appended only when it is not
     ``none`` (``"<task>/<metric>/<filter>"``). A task run with k > 0 few-shot examples is named
-    ``"<task>@<k>shot"`` so that MMLU 0-shot and 5-shot (Table 1) can live in one file.
+    ``"<task>@<k>shot"`` so that MMLU 0-shot and 5-shot (Table 1) can live in one file; a group
+    (``mmlu``) takes its members' k, which lm-eval's ``n-shot`` leaves out for the top group.
     """
-    shots = raw.get("n-shot", {})
+    shots = group_shots(raw)
 
     def named(task: str) -> str:
         return f"{task}@{shots[task]}shot" if shots.get(task) else task
@@ -145,6 +146,24 @@ def flat_metrics(raw: dict) -> dict[str, float]:
     for task, counts in raw.get("n-samples", {}).items():
         flat[f"{named(task)}/n_samples"] = float(counts["effective"])
     return flat
+
+
+def group_shots(raw: dict) -> dict[str, int]:
+    """lm-eval's ``n-shot`` ({task: k}) with every group of ``group_subtasks`` given its members' k
+    when they agree (lm-eval 0.4.13 lists the ``mmlu_stem``-level groups but not ``mmlu`` itself)."""
+    shots = dict(raw.get("n-shot", {}))
+    members = raw.get("group_subtasks", {})
+
+    def of(name: str):
+        if name not in shots and name in members:
+            ks = {of(member) for member in members[name]}
+            if len(ks) == 1 and None not in ks:
+                shots[name] = ks.pop()
+        return shots.get(name)
+
+    for group in members:
+        of(group)
+    return shots
 
 
 def jsonable(value: Any) -> Any:

@@ -23,6 +23,7 @@ import torch
 
 from experiments.data import finetune as data
 from experiments.data.adaptllm import AdaptLLMConfig, convert_corpus
+from experiments.data.columns import require_columns
 from experiments.data.finetune import ChoiceExample, Example
 from experiments.tasks.base import (LmEvalSettings, TaskSpec, TokenizerVocabulary, batch_indices, check_batch_fits,
                                     check_spec_ints, evaluate_perplexity, pack_documents)
@@ -185,7 +186,9 @@ def build_finetune_task(spec: FinetuneTaskSpec, tokenizer, *, batch_size: int, s
         hub_data = {"metamathqa": data.load_metamathqa, "tulu_v2": data.load_tulu_v2}[spec.dataset]
         return SFTTask(hub_data(load_dataset, spec.hub_id, spec.hub_split), tokenizer, batch_size, seed,
                        spec.max_len, lm_eval=spec.lm_eval)
-    texts = [row[spec.text_field] for row in load_dataset(spec.hub_id, split=spec.hub_split)]
+    rows = require_columns(load_dataset(spec.hub_id, split=spec.hub_split), (spec.text_field,), spec.hub_id,
+                           spec.hub_split, hint="task.text_field names the text column")
+    texts = [row[spec.text_field] for row in rows]
     if spec.adaptllm:
         texts = convert_corpus(texts, AdaptLLMConfig(), seed)
     return TextTask(texts, tokenizer, batch_size, seed, spec.max_len, lm_eval=spec.lm_eval)
