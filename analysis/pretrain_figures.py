@@ -336,7 +336,7 @@ def _table3_section(rows: list[PretrainGroup]) -> list[str]:
         cells = [method_label(g.key, with_op), rank_label(g), f"{g.lr:g}{grid}", format_stat(g.perplexity, 2),
                  *_paper_cells(g.key.method)]
         lines.append(f"| {' | '.join(cells)} |")
-    selection = [f"- lr: the chosen rate; with several tried, {PRETRAIN_SELECTION_RULE}"] \
+    selection = [f"- lr: the chosen rate (in parentheses every rate tried). {PRETRAIN_SELECTION_RULE}"] \
         if any(len(g.rates_tried) > 1 for g in rows) else []
     return lines + ["", *_eval_notes(rows), *selection, *ranking_notes(rows), ""]
 

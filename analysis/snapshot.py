@@ -3,7 +3,10 @@
 Copies the run folders behind the README's measured numbers, without what is large and not read by
 ``analysis/`` (checkpoints, lm-eval's per-task detail), so the test suite can re-render every notebook
 from the very runs the README reports and check its numbers (tests/test_measured_results.py). The
-copy replaces ``--out`` wholesale, so a run deleted from ``--runs`` disappears from the snapshot too.
+copy replaces ``--out`` wholesale, so a run deleted from ``--runs`` disappears from the snapshot too. A run
+at a learning rate outside its preset's grid (``lr_grid_by_method`` of the current ``<task>_<scale>`` preset,
+where it has one for the run's method) is left out: such runs are calibration runs that share ``results/runs``
+with the tables (``make calibrate-c4``) and are kept in their own fixture, not behind the README's tables.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 from experiments.loop.records import find_runs
@@ -19,11 +23,27 @@ from experiments.loop.records import find_runs
 KEPT_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "environment.json", "spectra.safetensors")
 
 
+@lru_cache(maxsize=None)
+def preset_grid(task: str, scale: str, method: str) -> frozenset[float] | None:
+    """The learning rates the current ``<task>_<scale>`` preset sweeps for ``method`` (None: it has no grid)."""
+    from experiments.schema import compose_config
+
+    grids = compose_config([f"task={task}", f"scale={scale}"]).get("lr_grid_by_method") or {}
+    return frozenset(float(lr) for lr in grids[method]) if method in grids else None
+
+
+def in_preset_grid(record: dict) -> bool:
+    config = record["config"]
+    grid = preset_grid(config["task"]["name"], config["scale"]["name"], config["method"]["name"])
+    lr = (config.get("resolved") or {}).get("lr", config.get("lr"))
+    return grid is None or any(abs(float(lr) - g) <= 1e-9 * g for g in grid)
+
+
 def snapshot(runs: Path, out: Path, scale: str) -> list[Path]:
-    """Copy every completed run of ``scale`` under ``runs`` into ``out`` (same relative paths, only
-    :data:`KEPT_FILES`); returns the copied folders. ``out`` is emptied first."""
+    """Copy every completed run of ``scale`` under ``runs`` at a rate of its preset's grid into ``out`` (same
+    relative paths, only :data:`KEPT_FILES`); returns the copied folders. ``out`` is emptied first."""
     records = [r for r in find_runs(runs, **{"scale.name": scale})
-               if (r["summary"] or {}).get("status") == "completed"]
+               if (r["summary"] or {}).get("status") == "completed" and in_preset_grid(r)]
     if not records:
         raise ValueError(f"no completed runs of scale {scale!r} under {runs}")
     readme = (out / "README.md").read_text() if (out / "README.md").exists() else None

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 LOCK = REPO / "requirements" / "lock.txt"
 LOCKED_EXTRAS = ("experiments", "test")  # installed by `make` from the lock; the others (slurm, deepspeed) are not
-FIRST_PARTY = {"mora", "experiments", "analysis", "benchmarks", "tests", "lm_eval_tasks", "reference"}
+FIRST_PARTY = {"mora", "experiments", "analysis", "benchmarks", "tests", "lm_eval_tasks", "rehearsal", "reference"}
 
 
 def declared(*extras: str) -> list[Requirement]:
@@ -82,7 +82,7 @@ def test_the_library_depends_on_exactly_what_mora_imports():
 
 
 @pytest.mark.parametrize("folders, extras", [
-    (("experiments", "analysis", "benchmarks", "lm_eval_tasks"), ("experiments",)),
+    (("experiments", "analysis", "benchmarks", "lm_eval_tasks", "rehearsal"), ("experiments",)),
     (("tests",), LOCKED_EXTRAS),
 ])
 def test_the_reproduction_imports_are_declared_in_the_extras(folders, extras):
