@@ -367,8 +367,9 @@ DATASETS = (
                "parquet", _features_pubmed, checked="loaders that read it (split train, column text); meta struct as "
                "the card of its sibling timaeus/pile-pubmed_central", used_by=("biomed_paper",)),
     HubDataset(FINANCE_CORPUS, finance_records, lambda c, s: f"data/{s}-00000-of-00001.parquet", "parquet",
-               _features_strings("text"), checked="none: a placeholder for the corpus you point task.hub_id at "
-               "(conf/task/finance.yaml asks for a train split with a text column)", used_by=("finance_paper",)),
+               _features_strings("text"), checked="the schema conf/task/finance.yaml requires of the corpus task.hub_id names "
+               "(a train split with a text column); the paper's financial-news corpus is unreleased, so there "
+               "is no card to check", used_by=("finance_paper",)),
     HubDataset("cais/mmlu", mmlu_records, lambda c, s: f"{c}/{s}-00000-of-00001.parquet", "parquet", _features_mmlu,
                checked="dataset card (57 subject configs: test, validation, dev; question, subject, choices, "
                "answer ClassLabel A-D); lm-eval's mmlu/default/_default_template_yaml",
