@@ -11,9 +11,9 @@ TORCH  := $(shell sed -n 's/^torch==//p' $(LOCK))
 # torch's CPU build, for machines without a GPU and without a local wheel (PyPI's Linux wheel is the CUDA build)
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install test test-fast bench rank-table fig2 fig3 table2 uuid fig4 table3 fig5 pretrain \
-        table1 table1-instruct table1-math table1-biomed table4 table6 table7 finetune finetune-lr-sweep \
-        all snapshot regime figures calibrate-uuid calibrate-uuid-epochs calibrate-uuid-base calibrate-c4 base c4-diagnosis uuid-pairs-sweep clean
+.PHONY: install test test-fast bench gpu-check rank-table fig2 fig3 table2 uuid fig4 table3 fig5 pretrain \
+        table1 table1-instruct table1-math table1-biomed table4 table6 table7 finetune \
+        all snapshot regime figures calibrate-finetune calibrate-uuid calibrate-uuid-epochs calibrate-uuid-base calibrate-c4 base c4-diagnosis uuid-pairs-sweep clean
 
 # torch: a local wheel when pip finds one (its find-links; deps come with the lock), else the CPU index where
 # there is no nvidia-smi, else PyPI's default (CUDA) build. GPU machines may use environment.yml instead.
@@ -42,6 +42,12 @@ test-fast: $(STAMP)
 ## side-by-side step time / memory / ΔW-build ratios: bare Linear vs LoRA vs MoRA (results/bench/)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_adapters.py
+
+## the GPU code path in one script (minutes, no downloads): every task kind in float32 and bfloat16, the adapter
+## benchmark, MoRA vs LoRA whole-model step time and peak memory at LLaMA-2-7B shape (results/gpu_check/);
+## without a GPU it stops at once (the CPU dry run: experiments/gpu_check.py --device cpu --tiny)
+gpu-check: $(STAMP)
+	$(PY) experiments/gpu_check.py
 
 ## per-module r̂ of MoRA at LLaMA-2-7B shapes (the README table)
 rank-table: $(STAMP)
@@ -127,39 +133,60 @@ calibrate-c4: $(STAMP)
 # Table 1's MoRA rows; Table 6 is Table 1's BioMed column).
 JOBS        ?= 2
 FINETUNE    := OMP_NUM_THREADS=1 $(PY) experiments/run.py -m hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS)
-FT_METHODS  := lora,loraplus,asylora,relora,dora,mora
 FT_REPORT   := $(PY) -m analysis finetune --runs results/runs --out reports/finetune
+
+FT_SEEDS    ?= 1,2
+FT_ONLY     ?=# a comma-separated subset of Table 1's methods (empty: all), e.g. FT_ONLY=fft,lora,mora
+# One task's Table 1 arms (docs/calibration.md, Amendment 6): every learning-rate grid of the preset at seed 0
+# (the methods sharing a grid in one multirun, so the JOBS workers stay busy), then each arm's chosen rate
+# (analysis best-lr: FINETUNE_SELECTION_RULE) at FT_SEEDS. r = 8 runs Eq. 9 (rotate), r = 256 Eq. 6 (share).
+define FT_TABLE1
+	for r in 8 256; do \
+	  grids=$$($(PY) experiments/lr_grid.py --by-grid --only "$(FT_ONLY)" experiment=finetune_r$$r task=$(1)) || exit 1; \
+	  echo "$$grids" | while read -r methods lrs; do \
+	    $(FINETUNE) experiment=finetune_r$$r task=$(1) method=$$methods lr=$$lrs seed=0 </dev/null || exit 1; done || exit 1; \
+	done
+	for r in 8 256; do \
+	  op=$$($(PY) experiments/config_value.py method.operator experiment=finetune_r$$r task=$(1)) || exit 1; \
+	  for m in $$($(PY) experiments/lr_grid.py --methods --only "$(FT_ONLY)" experiment=finetune_r$$r task=$(1)); do \
+	    rank=$$([ $$m = fft ] || echo "--rank $$r"); \
+	    lr=$$($(PY) -m analysis best-lr --task $(1) --method $$m $$rank --where method.operator=$$op) || exit 1; \
+	    $(FINETUNE) experiment=finetune_r$$r task=$(1) method=$$m lr=$$lr seed=$(FT_SEEDS) || exit 1; \
+	  done; \
+	done
+endef
 
 ## Table 1, instruction-tuning column (mini: an Alpaca sample stands in for Tülu v2; held-out response NLL)
 table1-instruct: $(STAMP)
-	$(FINETUNE) experiment=finetune_r8 task=tulu method=fft seed=$(SEEDS)
-	$(FINETUNE) experiment=finetune_r8,finetune_r256 task=tulu method=$(FT_METHODS) seed=$(SEEDS)
+	$(call FT_TABLE1,tulu)
 	$(FT_REPORT)
 
 ## Table 1, mathematical-reasoning column (mini: GSM8K train in MetaMath's style; GSM8K test)
 table1-math: $(STAMP)
-	$(FINETUNE) experiment=finetune_r8 task=metamath method=fft seed=$(SEEDS)
-	$(FINETUNE) experiment=finetune_r8,finetune_r256 task=metamath method=$(FT_METHODS) seed=$(SEEDS)
+	$(call FT_TABLE1,metamath)
 	$(FT_REPORT)
 
 ## Table 1, continual-pretraining column (mini: PubMedQA abstracts via AdaptLLM; PubMedQA + abstract perplexity)
 table1-biomed: $(STAMP)
-	$(FINETUNE) experiment=finetune_r8 task=biomed method=fft seed=$(SEEDS)
-	$(FINETUNE) experiment=finetune_r8,finetune_r256 task=biomed method=$(FT_METHODS) seed=$(SEEDS)
+	$(call FT_TABLE1,biomed)
 	$(FT_REPORT)
 
 ## Table 1: every method at r = 8 and 256 on the three mini tasks (the three targets above)
 table1: table1-instruct table1-math table1-biomed
 
-## Table 4: MoRA's four compress/decompress operators (Eqs. 4, 6, 8, 9) at r = 8 and 256 on GSM8K
-table4: $(STAMP)
-	$(FINETUNE) experiment=finetune_r8,finetune_r256 task=metamath method=mora method.operator=truncate,share,decouple,rotate seed=$(SEEDS)
+## Table 4: MoRA's four compress/decompress operators (Eqs. 4, 6, 8, 9) at r = 8 and 256 on GSM8K, each rank at
+## MoRA's Table 1 rate for that rank (Table 1's rotate r = 8 and share r = 256 runs are two of its cells)
+table4: table1-math
+	for r in 8 256; do \
+	  op=$$($(PY) experiments/config_value.py method.operator experiment=finetune_r$$r task=metamath) || exit 1; \
+	  lr=$$($(PY) -m analysis best-lr --task metamath --method mora --rank $$r --where method.operator=$$op) || exit 1; \
+	  $(FINETUNE) experiment=finetune_r$$r task=metamath method=mora method.operator=truncate,share,decouple,rotate lr=$$lr seed=0,$(FT_SEEDS) || exit 1; \
+	done
 	$(FT_REPORT)
 
-## Table 6: FFT, LoRA and MoRA at r = 8 and 256 on biomedicine (mini: PubMedQA-L; Table 7, finance, is paper-only)
-table6: $(STAMP)
-	$(FINETUNE) experiment=finetune_r8 task=biomed method=fft seed=$(SEEDS)
-	$(FINETUNE) experiment=finetune_r8,finetune_r256 task=biomed method=lora,mora seed=$(SEEDS)
+## Table 6: FFT, LoRA and MoRA at r = 8 and 256 on biomedicine: Table 1's biomedicine runs (mini: PubMedQA-L;
+## Table 7, finance, is paper-only)
+table6: table1-biomed
 	$(FT_REPORT)
 
 ## Table 7 (finance) exists at paper scale only: no financial text is available offline, so at mini
@@ -169,16 +196,19 @@ table7: $(STAMP)
 
 finetune: table1 table4 table6
 
-## how the fine-tuning mini learning rates were chosen: seed 0 of every Table 1 arm on metamath over a
-## grid (results/ft_lr_sweep/), reports/finetune/lr_sweep.md; and a check that the biomedicine verdict
-## (MoRA vs LoRA) does not hang on reusing those rates there
-finetune-lr-sweep: $(STAMP)
-	$(FINETUNE) experiment=finetune_r8 task=metamath method=fft lr=3e-4,1e-3,3e-3,1e-2 seed=0 out_root=results/ft_lr_sweep
-	$(FINETUNE) experiment=finetune_r8,finetune_r256 task=metamath method=$(FT_METHODS) lr=1e-3,3e-3,1e-2,3e-2,1e-1 seed=0 out_root=results/ft_lr_sweep
-	$(FINETUNE) experiment=finetune_r8,finetune_r256 task=biomed method=lora,mora lr=1e-3,3e-3,1e-2,3e-2 seed=0 out_root=results/ft_lr_sweep
-	$(PY) -m analysis finetune-lr --runs results/ft_lr_sweep --out reports/finetune
-
 # ---- Calibration of the mini presets from the baselines only (issue 12; the rules: docs/calibration.md)
+
+## fine-tuning calibration (docs/calibration.md, Amendment 6): FFT and LoRA (r = 8 and 256) at seed 0 on the ladder
+## {1, 3} x 10^k, per task, into results/runs/ (Table 1 reuses them); reports/calibration_finetune/
+FT_TASKS        ?= metamath tulu biomed
+CAL_FT_FFT_LR   ?= 1e-3,3e-3,1e-2
+CAL_FT_LORA_LR  ?= 1e-2,3e-2,1e-1
+calibrate-finetune: $(STAMP)
+	for t in $(FT_TASKS); do \
+	  $(FINETUNE) experiment=finetune_r8 task=$$t method=fft lr=$(CAL_FT_FFT_LR) seed=0 || exit 1; \
+	  $(FINETUNE) experiment=finetune_r8,finetune_r256 task=$$t method=lora lr=$(CAL_FT_LORA_LR) seed=0 || exit 1; \
+	done
+	$(PY) -m analysis finetune-calibration --runs results/runs --out reports/calibration_finetune
 
 ## UUID: FFT and LoRA r = 8, 256 (no MoRA) at seed 0 over pairs x learning-rate grid, batch = pairs / 4
 ## (0.25 epochs per step at every N), into results/calibrate_uuid/pairs<N>/; reports/calibration/calibration_uuid.md

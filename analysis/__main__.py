@@ -1,4 +1,4 @@
-"""``python -m analysis uuid|pretrain|finetune|regime|calibrate-uuid|uuid-pairs|c4-diagnosis|c4-calibration|best-lr|figures --runs results/runs --out reports/<name>``: the paper's figures and tables.
+"""``python -m analysis uuid|pretrain|finetune|regime|calibrate-uuid|uuid-pairs|c4-diagnosis|c4-calibration|finetune-calibration|best-lr|figures --runs results/runs --out reports/<name>``: the paper's figures and tables.
 
 ``uuid``: Fig. 2, Fig. 3 and Table 2 (UUID memorisation). ``pretrain``: Fig. 4, Table 3 and Fig. 5
 (C4 pretraining). ``finetune``: Tables 1, 4, 6 and 7 (fine-tuning, lm-eval scores). ``regime``: whether
@@ -7,6 +7,7 @@ UUID calibration rule of docs/calibration.md applied to the FFT and LoRA calibra
 accuracy and the MoRA − LoRA gap as the number of pairs grows. ``c4-diagnosis``: why LoRA ends below FFT in
 the first `mini` C4 preset (baselines under a finer lr grid, longer training, frozen embeddings).
 ``c4-calibration``: the C4 calibration rule (Amendment 5) applied to the FFT and LoRA runs of the current preset.
+``finetune-calibration``: the fine-tuning calibration rule (Amendment 6) on the FFT and LoRA runs of the current presets.
 ``best-lr``: the learning rate Table 2's (or Table 3's) rule chooses for one arm (the pairs sweep and
 `make table3` read it). ``figures``: the README's figures (Fig. 2-5, the Table 1 bars) as PNGs under fixed names, into docs/figures/. Reads run folders
 only; exits 1 with a message when no run matches.
@@ -23,6 +24,7 @@ from typing import Callable
 import yaml
 
 from analysis.c4_calibration import write_calibration_report as write_c4_calibration_report
+from analysis.finetune_calibration import finetune_best_lr, write_calibration_report as write_finetune_calibration_report
 from analysis.c4_diagnosis import preset_train_tokens, write_diagnosis_report
 from analysis.calibration import write_calibration_report
 from analysis.pairs_sweep import write_sweep_report
@@ -99,10 +101,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     c4_cal.add_argument("--runs", type=Path, default=Path("results/runs"), help="results root (default: %(default)s)")
     c4_cal.add_argument("--out", type=Path, default=Path("reports/calibration_c4"),
                         help="output folder (default: %(default)s)")
+    ft_cal = sub.add_parser("finetune-calibration",
+                            help="the fine-tuning calibration rule on the FFT and LoRA runs: finetune_calibration.md")
+    ft_cal.add_argument("--runs", type=Path, default=Path("results/runs"), help="results root (default: %(default)s)")
+    ft_cal.add_argument("--out", type=Path, default=Path("reports/calibration_finetune"),
+                        help="output folder (default: %(default)s)")
     best = sub.add_parser("best-lr", help="print the learning rate Table 2's (uuid) or Table 3's (c4) rule chooses "
                           "for one arm (for the Makefile)")
     best.add_argument("--runs", type=Path, default=Path("results/runs"), help="results root (default: %(default)s)")
-    best.add_argument("--task", choices=("uuid", "c4"), default="uuid", help="whose rule (default: %(default)s)")
+    best.add_argument("--task", choices=("uuid", "c4", "tulu", "metamath", "biomed"), default="uuid",
+                      help="whose rule: Table 2's, Table 3's, or Table 1's on that task at mini (default: %(default)s)")
     best.add_argument("--method", required=True, help="method name, e.g. lora")
     best.add_argument("--rank", type=int, default=None, help="paper rank (omit for FFT)")
     best.add_argument("--where", type=_filter, action="append", default=[], metavar="KEY=VALUE",
@@ -275,6 +283,11 @@ def c4_calibration_report(args: argparse.Namespace) -> int:
     return _one_file_report(args, lambda: write_c4_calibration_report(args.runs, args.out))
 
 
+def finetune_calibration_report(args: argparse.Namespace) -> int:
+    """Apply the fine-tuning calibration rule to the seed-0 FFT and LoRA runs of the current presets; 1 if none."""
+    return _one_file_report(args, lambda: write_finetune_calibration_report(args.runs, args.out))
+
+
 def best_lr_report(args: argparse.Namespace) -> int:
     """Print the chosen learning rate of one arm: UUID by :data:`analysis.runs.SELECTION_RULE`, C4 by
     :data:`analysis.pretrain_figures.PRETRAIN_SELECTION_RULE`; 1 if none or several arms match."""
@@ -285,6 +298,8 @@ def best_lr_report(args: argparse.Namespace) -> int:
             runs = [r for r in load_runs(args.runs, task="uuid", **dict(args.where))
                     if r.method == args.method and r.rank == args.rank]
             chosen = [s.chosen.lr for s in select_learning_rates(runs) if s.chosen]
+        elif args.task != "c4":
+            chosen = finetune_best_lr(args.runs, args.task, args.method, args.rank, dict(args.where))
         else:
             runs = [r for r in load_pretrain_runs(args.runs, **dict(args.where))
                     if r.run.method == args.method and r.run.rank == args.rank]
@@ -315,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             "finetune": finetune_report, "finetune-lr": finetune_lr_report, "regime": regime_report,
             "calibrate-uuid": calibrate_uuid_report, "figures": figures_report, "uuid-pairs": uuid_pairs_report,
             "c4-diagnosis": c4_diagnosis_report, "c4-calibration": c4_calibration_report,
+            "finetune-calibration": finetune_calibration_report,
             "best-lr": best_lr_report}[args.report](args)
 
 

@@ -211,23 +211,35 @@ def _primary_value(stat: Stat, metric: Metric) -> float:
     return stat.mean if metric.higher_is_better else -stat.mean
 
 
+FINETUNE_SELECTION_RULE = (
+    "Each arm's learning rates are scored by the mean primary score of the seeds that ran at every rate of the "
+    "arm (seed 0 under `make table1`, which runs each arm's grid at seed 0 and its chosen rate at seeds 1 and 2); "
+    "the best wins, ties to the smaller rate; a rate with one of those seeds not completed is not eligible. The "
+    "arm reports every completed seed at the chosen rate (best-of-grid on the reported metric, as the paper "
+    "reports its Table 5 grids; docs/calibration.md, Amendment 6).")
+
+
 def select_lr(runs: Sequence[FinetuneRun], metrics: Sequence[Metric]) -> Cell | None:
-    """The :class:`Cell` of one arm on one task: among learning rates whose every seed completed, the one
-    with the best mean primary score (``metrics[0]``; ties go to the smaller lr). Best-of-grid on the
-    reported metric, as the paper's Table 5 grids are ("best reported")."""
+    """The :class:`Cell` of one arm on one task, by :data:`FINETUNE_SELECTION_RULE`: rates are compared on
+    the seeds every rate ran (``metrics[0]``), and the chosen rate reports all its completed seeds."""
     by_lr: dict[float, list[FinetuneRun]] = defaultdict(list)
     for run in runs:
         by_lr[run.lr].append(run)
-    eligible = {lr: rs for lr, rs in by_lr.items() if all(r.status == "completed" for r in rs)}
-    if not eligible or not metrics:
+    if not by_lr or not metrics:
         return None
+    grid_seeds = set.intersection(*({r.seed for r in rs} for rs in by_lr.values()))
 
-    def stats(rs: list[FinetuneRun]) -> dict[Metric, Stat]:
+    def stats(rs: Iterable[FinetuneRun]) -> dict[Metric, Stat]:
         return {m: mean_std(m.show(r.score(m)) for r in rs if not math.isnan(r.score(m))) for m in metrics}
 
+    eligible = {lr: [r for r in rs if r.seed in grid_seeds] for lr, rs in by_lr.items()}
+    eligible = {lr: rs for lr, rs in eligible.items() if rs and all(r.status == "completed" for r in rs)}
+    if not eligible:
+        return None
     scored = {lr: stats(rs) for lr, rs in eligible.items()}
     best = max(sorted(scored), key=lambda lr: (_primary_value(scored[lr][metrics[0]], metrics[0]), -lr))
-    return Cell(best, tuple(sorted(eligible[best], key=lambda r: r.seed)), scored[best], tuple(sorted(by_lr)))
+    reported = sorted((r for r in by_lr[best] if r.status == "completed"), key=lambda r: r.seed)
+    return Cell(best, tuple(reported), stats(reported), tuple(sorted(by_lr)))
 
 
 def cells_by_arm(runs: Sequence[FinetuneRun], task: str) -> dict[ArmKey, Cell]:
@@ -287,7 +299,8 @@ def _lr_notes(cells: dict[ArmKey, Cell], order: Sequence[ArmKey]) -> str:
     parts = [f"{arm_label(k)}{'' if k.rank is None else f' r{k.rank}'} {cells[k].lr:g}"
              + (f" (of {', '.join(f'{lr:g}' for lr in cells[k].lrs_tried)})" if len(cells[k].lrs_tried) > 1 else "")
              for k in order if k in cells]
-    return "Learning rates: " + "; ".join(parts) + "."
+    several = any(len(cells[k].lrs_tried) > 1 for k in order if k in cells)
+    return "Learning rates: " + "; ".join(parts) + "." + (f" {FINETUNE_SELECTION_RULE}" if several else "")
 
 
 def table1_arms() -> list[ArmKey]:

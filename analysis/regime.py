@@ -89,8 +89,8 @@ UUID_PRESET_KEYS = ("model.name", "task.n_pairs", "task.pair_seed", "train.max_s
                     "train.grad_accum")
 C4_PRESET_KEYS = ("model.name", "task.seq_len", "task.tokenizer", "task.vocab_size", "train.max_steps",
                   "train.batch_size", "train.grad_accum")
-FINETUNE_PRESET_KEYS = ("model.name", "task.dataset", "task.max_len", "train.max_steps", "train.batch_size",
-                        "train.grad_accum")
+FINETUNE_PRESET_KEYS = ("model.name", "task.dataset", "task.max_len", "task.n_train", "train.max_steps",
+                        "train.batch_size", "train.grad_accum")
 
 # ------------------------------------------------------------------ rows and verdicts
 
@@ -636,7 +636,35 @@ def finetune_task_rows(task: str, root: Path) -> list[Row]:
     mini_epochs = mini_steps * examples_per_step(mini) / rows
     epochs_row = Row(f"{task}: epochs over the training set", f"{sig3(epochs)} ({source})",
                      f"{sig3(mini_epochs)} (of {rows:,} {unit})", within(epochs, mini_epochs))
-    return [steps_row, epochs_row, base_row(task, mini, root)]
+    return [steps_row, epochs_row, *finetune_schedule_rows(task), base_row(task, mini, root)]
+
+
+def finetune_schedule_rows(task: str) -> list[Row]:
+    """Table 5's schedule as fractions of training (warm-up; ReLoRA's merge cycle, searched over {1k, 2k} in
+    Section 5.2) and its kind."""
+    def relora(scale: str):
+        return compose("experiment=finetune_r8", f"task={task}", f"scale={scale}", "method=relora")
+
+    paper, mini = relora("paper"), relora("mini")
+    steps, mini_steps = read(paper, "train.max_steps"), read(mini, "train.max_steps")
+    p_sched, m_sched = read(paper, "train.scheduler"), read(mini, "train.scheduler")
+    p_warm, m_warm = read(paper, "train.warmup_steps"), read(mini, "train.warmup_steps")
+    p_merge, m_merge = read(paper, "method.merge_every"), read(mini, "method.merge_every")
+    searched = (p_merge, 2 * p_merge)   # Section 5.2: merge steps searched from {1k, 2k}
+    rows = [Row(f"{task}: learning-rate schedule (Table 5)", p_sched, m_sched,
+                Verdict(IN, "same") if p_sched == m_sched else Verdict(OUT, "differs"))]
+    merge_axis = f"{task}: ReLoRA merge_every / max_steps (the paper searched {searched[0]:,} and {searched[1]:,})"
+    if steps is None:
+        why = unjudged("the paper states no corpus size, so no step count")
+        return rows + [Row(f"{task}: warm-up steps / training steps", f"{p_warm} of an unstated number",
+                           fraction(m_warm, mini_steps), why),
+                       Row(merge_axis, f"{searched[0]:,} or {searched[1]:,} of an unstated number",
+                           fraction(m_merge, mini_steps), why)]
+    verdicts = [within(n / steps, m_merge / mini_steps) for n in searched]
+    merge_verdict = next((v for v in verdicts if v.status == IN), verdicts[0])
+    return rows + [fraction_row(f"{task}: warm-up steps / training steps", (p_warm, steps), (m_warm, mini_steps)),
+                   Row(merge_axis, f"{fraction(searched[0], steps)} or {sig3(searched[1] / steps)}",
+                       fraction(m_merge, mini_steps), merge_verdict)]
 
 
 def base_row(task: str, mini_cfg, root: Path) -> Row:

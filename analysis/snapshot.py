@@ -4,9 +4,10 @@ Copies the run folders behind the README's measured numbers, without what is lar
 ``analysis/`` (checkpoints, lm-eval's per-task detail), so the test suite can re-render every notebook
 from the very runs the README reports and check its numbers (tests/test_measured_results.py). The
 copy replaces ``--out`` wholesale, so a run deleted from ``--runs`` disappears from the snapshot too. A run
-at a learning rate outside its preset's grid (``lr_grid_by_method`` of the current ``<task>_<scale>`` preset,
-where it has one for the run's method) is left out: such runs are calibration runs that share ``results/runs``
-with the tables (``make calibrate-c4``) and are kept in their own fixture, not behind the README's tables.
+at a learning rate outside its preset's grid (``lr_grid_by_method`` of the current ``<task>_<scale>`` preset, or
+``lr_grid.r<rank>`` for fine-tuning, where it has one for the run's method) is left out: such runs are calibration
+runs that share ``results/runs`` with the tables (``make calibrate-c4``, ``make calibrate-finetune``) and are kept
+in their own fixture, not behind the README's tables.
 """
 
 from __future__ import annotations
@@ -24,17 +25,21 @@ KEPT_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "environment.json"
 
 
 @lru_cache(maxsize=None)
-def preset_grid(task: str, scale: str, method: str) -> frozenset[float] | None:
-    """The learning rates the current ``<task>_<scale>`` preset sweeps for ``method`` (None: it has no grid)."""
+def preset_grid(task: str, scale: str, method: str, rank: int | None = None) -> frozenset[float] | None:
+    """The learning rates the current ``<task>_<scale>`` preset sweeps for ``method`` (None: it has no grid): its
+    ``lr_grid_by_method``, or for the fine-tuning presets, whose grids depend on the rank, ``lr_grid.r<rank>``."""
     from experiments.schema import compose_config
-
-    grids = compose_config([f"task={task}", f"scale={scale}"]).get("lr_grid_by_method") or {}
+    cfg = compose_config([f"task={task}", f"scale={scale}"])
+    grids = cfg.get("lr_grid_by_method") or {}
+    by_rank = cfg.get("lr_grid") or {}
+    if rank is not None and f"r{rank}" in by_rank:
+        grids = by_rank[f"r{rank}"]
     return frozenset(float(lr) for lr in grids[method]) if method in grids else None
 
 
 def in_preset_grid(record: dict) -> bool:
     config = record["config"]
-    grid = preset_grid(config["task"]["name"], config["scale"]["name"], config["method"]["name"])
+    grid = preset_grid(config["task"]["name"], config["scale"]["name"], config["method"]["name"], config.get("rank"))
     lr = (config.get("resolved") or {}).get("lr", config.get("lr"))
     return grid is None or any(abs(float(lr) - g) <= 1e-9 * g for g in grid)
 

@@ -28,7 +28,7 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from experiments.data.offline import OfflineDataError  # noqa: E402
 from experiments.models.loading import build_llama_from_config, load_model, model_skeleton  # noqa: E402
-from experiments.loop.checkpoint import CHECKPOINT, check_checkpoint  # noqa: E402
+from experiments.loop.checkpoint import CHECKPOINT, check_checkpoint, load_checkpoint  # noqa: E402
 from experiments.loop.records import (CONFIG, RunRecord, check_run_folder, config_differences,  # noqa: E402
                                       process_rank)
 from experiments.schema import RunConfig, build_run_config  # noqa: E402
@@ -45,7 +45,8 @@ RESUMABLE_KEYS = ("resume", "logger", "device", "skip_completed", "threads")
 # the preset's learning-rate tables (the rate the run used is compared as resolved.lr) and the evaluation
 # batch size (UUID prompts have equal lengths and C4 blocks are scored token by token, so batching only
 # changes speed)
-SKIP_IGNORED_KEYS = RESUMABLE_KEYS + ("lr_by_method", "lr_grid_by_method", "task.eval_batch_size")
+SKIP_IGNORED_KEYS = RESUMABLE_KEYS + ("lr_by_method", "lr_grid_by_method", "lr_by_rank", "lr_grid",
+                                     "task.eval_batch_size")
 # errors in what the user asked for: one line, not a traceback (main)
 INPUT_ERRORS = (ValueError, OSError, OfflineDataError)
 
@@ -135,13 +136,40 @@ def skip_or_resume(run: RunConfig, config: dict) -> tuple[RunConfig, dict | None
 
 def check_before_loading(run: RunConfig, config: dict) -> None:
     """The checks that need no weights, done before a model is loaded (minutes at paper scale): the
-    run folder can be written (or resumed), the checkpoint to resume is readable, and the adapter's
-    module names exist in the model's skeleton."""
+    launcher's sharding is one this run supports, the run folder can be written (or resumed), the
+    checkpoint to resume is readable, and the adapter's module names exist in the model's skeleton."""
+    check_launch(run, os.environ)
     check_run_folder(run.out_dir, config, resume=run.resume, ignore_on_resume=RESUMABLE_KEYS)
     if run.resume and (run.out_dir / CHECKPOINT).exists():
         check_checkpoint(run.out_dir / CHECKPOINT)
     if run.adapter.layer_kind is not None:
         check_module_names(model_skeleton(run.model, run.data_root), run)
+
+
+def check_launch(run: RunConfig, env) -> None:
+    """Refuse a sharded launch whose run could not be completed, resumed or measured: ``accelerate
+    launch`` exports its config as environment variables (``env``). Supported: data parallelism and
+    FSDP2, whose checkpoints are gathered (experiments/loop/checkpoint.py, tested on 2 CPU processes)."""
+    if env.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "?")
+        raise ValueError(
+            f"the launch config's distributed_type DEEPSPEED (zero_stage {stage}, launch/deepspeed_zero{stage}.yaml) "
+            "is not supported: ZeRO partitions Adam's states (stage 2) and the weights (stage 3), and this run's "
+            "checkpoint, which resume=true, singular_values=true and experiments/eval.py read, is not gathered from "
+            "DeepSpeed; launch with launch/fsdp.yaml (sharded, checkpoints gathered) or launch/multi_gpu.yaml")
+    if env.get("ACCELERATE_USE_FSDP") != "true":
+        return
+    if env.get("FSDP_VERSION", "1") != "2":
+        raise ValueError(f"the launch config's fsdp_version={env.get('FSDP_VERSION', '1')} is not supported: only "
+                         "FSDP2 (fsdp_version: 2, launch/fsdp.yaml) has its checkpoints gathered and tested here")
+    if run.restarts.merge_every is not None:
+        raise ValueError(f"method.merge_every={run.restarts.merge_every} (ReLoRA/ReMoRA restarts) under FSDP "
+                         "(launch/fsdp.yaml) is not supported: merging ΔW into sharded base weights was never run; "
+                         "launch with launch/multi_gpu.yaml")
+    if run.task.lm_eval is not None:
+        raise ValueError(f"task.lm_eval_tasks={list(run.task.lm_eval.tasks)} under FSDP (launch/fsdp.yaml) is not "
+                         "supported: lm-eval runs on rank 0 alone and a sharded model needs every rank; set "
+                         "task.lm_eval_tasks=[] and score the run afterwards with experiments/eval.py --run <folder>")
 
 
 def check_module_names(model, run: RunConfig) -> None:
@@ -196,16 +224,21 @@ def run_benchmarks(run: RunConfig, model, task: Task) -> dict[str, float]:
 
 def _save_delta_spectra(run: RunConfig, model) -> None:
     """Singular values of ΔW = W_final - W_init per adapted module (Fig. 5), the pending adapter
-    included; W_init is rebuilt from the seed (or reloaded), so a resumed run gets the same."""
+    included. Both are rebuilt here, whole, whatever the launcher sharded: W_init from the seed (or
+    reloaded), W_final from the run's final checkpoint; so a resumed run gets the same."""
     from experiments.evaluation.spectra import delta_spectra, effective_linear_weights, save_spectra
 
-    if run.model.source == "config":
-        initial_model = build_llama_from_config(run.model, model.config.vocab_size, run.seed, run.train.dtype)
-    else:
-        initial_model = load_model(run.model, run.data_root, run.train.dtype)[0]
+    def base_model():
+        if run.model.source == "config":
+            return build_llama_from_config(run.model, model.config.vocab_size, run.seed, run.train.dtype)
+        return load_model(run.model, run.data_root, run.train.dtype)[0]
+
+    final_model = base_model()
+    inject_adapters(final_model, run.adapter)
+    load_checkpoint(run.out_dir / CHECKPOINT, final_model)
     targets = run.adapter.target_modules or LLAMA_TARGETS  # FFT adapts nothing but changes every linear
-    initial = effective_linear_weights(initial_model, targets)
-    spectra = delta_spectra(initial, effective_linear_weights(model, targets))
+    initial = effective_linear_weights(base_model(), targets)
+    spectra = delta_spectra(initial, effective_linear_weights(final_model, targets))
     save_spectra(run.out_dir / "spectra.safetensors", spectra)
     print(f"singular values of ΔW for {len(spectra)} modules -> {run.out_dir / 'spectra.safetensors'}")
 

@@ -190,8 +190,10 @@ def _train_spec(cfg: DictConfig, restarts: RestartConfig) -> TrainSpec:
     check_choice("train.dtype", t["dtype"], DTYPES)
     min_ratio = check_float("train.min_lr_ratio", t.get("min_lr_ratio", 0.0), 0.0, 1.0)
     steps = tuple(int(s) for s in t["eval_steps"])
-    if any(s <= 0 or s > t["max_steps"] for s in steps):
-        raise ValueError(f"train.eval_steps must lie in [1, train.max_steps={t['max_steps']}], got {list(steps)}")
+    # step 0 evaluates the model before its first update (the base's own score, a regime axis)
+    if any(s < 0 or s > t["max_steps"] for s in steps):
+        raise ValueError(f"train.eval_steps must lie in [0, train.max_steps={t['max_steps']}] (0: before training), "
+                         f"got {list(steps)}")
     scheduler = t["scheduler"]
     if restarts.jagged_schedule:
         merge_every = restarts.merge_every

@@ -71,12 +71,15 @@ def train(model, task, adapter: AdapterConfig, train_spec: TrainSpec, lr: float,
     scheduler = _build_scheduler(optimizer, train_spec, restarts)
     model, optimizer = accelerator.prepare(model, optimizer)
     ckpt_path = record.dir / CHECKPOINT
-    state, final = LoopState(), {}
+    state, final, logged_steps = LoopState(), {}, set()
     if resume:
         state = _restore(ckpt_path, accelerator, model, optimizer, scheduler, record)
         for row in read_run(record.dir)["metrics"]:  # what the loop had gathered (all, if it had finished)
             final |= {k: v for k, v in row.items() if k not in ("step", "time")}
+            logged_steps.add(row["step"])
     saved_step = state.step if resume and ckpt_path.exists() else None  # what a divergence falls back to
+    if state.step == 0 and 0 in train_spec.eval_steps and 0 not in logged_steps:
+        _evaluate_before_training(model, task, accelerator, record, tracker)
     model.train()
     bar = tqdm(total=train_spec.max_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process)
     try:
@@ -90,9 +93,9 @@ def train(model, task, adapter: AdapterConfig, train_spec: TrainSpec, lr: float,
                 restart_adapters(accelerator.unwrap_model(model), optimizer, restarts.group_switch)
             final.update(_log_and_evaluate(model, task, accelerator, scheduler, train_spec, state, record, tracker))
             if state.step % train_spec.ckpt_every == 0 or state.step == train_spec.max_steps:
-                if accelerator.is_main_process:
-                    save_checkpoint(ckpt_path, accelerator.unwrap_model(model), adapter, optimizer, scheduler,
-                                    asdict(state))
+                # every process: under FSDP the shards are gathered from all of them; rank 0 writes
+                save_checkpoint(ckpt_path, accelerator.unwrap_model(model), adapter, optimizer, scheduler,
+                                asdict(state))
                 saved_step = state.step
     except DivergedError as err:
         kept = (f"{ckpt_path} holds the last good state (step {saved_step})" if saved_step is not None else
@@ -141,6 +144,15 @@ def _optimizer_step(model, task, accelerator, optimizer, scheduler, spec: TrainS
     state.window_loss += total
     state.window_steps += 1
     return total
+
+
+def _evaluate_before_training(model, task, accelerator, record: RunRecord, tracker) -> None:
+    """``train.eval_steps`` holds 0: the untrained model's scores, logged at step 0 (the base before any
+    update; a resumed run that kept this row does not log it again)."""
+    metrics = {f"eval/{k}": v for k, v in task.evaluate(accelerator.unwrap_model(model), accelerator.device).items()}
+    if metrics and accelerator.is_main_process:
+        record.log(0, **metrics)
+        tracker.log(metrics, step=0)
 
 
 def _log_and_evaluate(model, task, accelerator, scheduler, spec: TrainSpec, state: LoopState,

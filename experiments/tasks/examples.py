@@ -48,7 +48,7 @@ class EncodedExamples:
 
 
 def encode_examples(examples: Sequence[Example | tuple[str, str]], tokenizer, max_len: int,
-                    add_eos: bool = True) -> EncodedExamples:
+                    add_eos: bool = True, limit: int | None = None) -> EncodedExamples:
     """``[BOS] segment₀ segment₁ …`` per example, EOS after each trainable segment (if ``add_eos``).
 
     Each segment is tokenised on its own, so a prompt/response boundary is a token boundary (one
@@ -56,7 +56,7 @@ def encode_examples(examples: Sequence[Example | tuple[str, str]], tokenizer, ma
     would then be off by a token). Sequences
     longer than ``max_len`` keep their first ``max_len`` tokens: the prompt's start survives and a
     long response loses its end (and EOS). An example with no labelled token left is dropped and
-    counted in ``n_dropped``.
+    counted in ``n_dropped``. ``limit``: stop after that many kept examples (the rest is not read).
     """
     if max_len < 2:
         raise ValueError(f"max_len must be >= 2 (BOS and one trained token), got {max_len}")
@@ -65,9 +65,13 @@ def encode_examples(examples: Sequence[Example | tuple[str, str]], tokenizer, ma
         raise ValueError("the tokenizer has no EOS token; a response must end with one")
     rows, full_lengths, n_dropped = [], [], 0
     for start in range(0, len(examples), _EXAMPLES_PER_CHUNK):
+        if limit is not None and len(rows) >= limit:
+            break
         chunk = [as_example(e) for e in examples[start:start + _EXAMPLES_PER_CHUNK]]
         ids = iter(tokenize(tokenizer, [segment.text for example in chunk for segment in example]))
         for example in chunk:
+            if limit is not None and len(rows) >= limit:
+                break
             row_ids, row_trained = ([bos], [False]) if bos is not None else ([], [])
             for segment, segment_ids in zip(example, ids):
                 closing = [eos] if segment.trainable and add_eos else []

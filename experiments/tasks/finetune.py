@@ -51,6 +51,9 @@ class FinetuneTaskSpec(TaskSpec):
     text_field: str = "text"           # hub text corpora: the column holding a document
     max_len: int = 512                 # sft: tokens per example (longer ones are cut); text: block length
     n_eval: int = 100                  # held-out examples scored in the loop (response NLL / perplexity)
+    # the training set's first n_train items (sft: examples with something to learn within max_len; text:
+    # packed blocks), None = all. Sets epochs = steps x batch / n_train (docs/calibration.md, Amendment 6)
+    n_train: int | None = None
     eval_batch_size: int = 8
     adaptllm: bool = True              # text: AdaptLLM reading comprehension (Cheng et al. 2023) or raw text
     instruction_ratio: float = 0.0     # text: general instructions mixed in (AdaptLLM), 0 = none
@@ -68,8 +71,8 @@ class FinetuneTaskSpec(TaskSpec):
             raise ValueError(f"task.hub_id is required for task.source=hub (task={self.name}); the paper's "
                              "financial-news corpus, for one, is not on the hub: point it at your copy")
         check_spec_ints(self, {"max_len": 1, "n_eval": 1, "eval_batch_size": 1, "lm_eval_batch_size": 1,
-                               "lm_eval_limit": 1, "lm_eval_max_gen_toks": 1, "lm_eval_fewshot": 0},
-                        optional=("lm_eval_limit", "lm_eval_max_gen_toks", "lm_eval_fewshot"))
+                               "lm_eval_limit": 1, "lm_eval_max_gen_toks": 1, "lm_eval_fewshot": 0, "n_train": 1},
+                        optional=("lm_eval_limit", "lm_eval_max_gen_toks", "lm_eval_fewshot", "n_train"))
         check_float("task.instruction_ratio", self.instruction_ratio, 0.0, 1.0, high_open=True)
 
     @property
@@ -89,11 +92,14 @@ class SFTTask(TokenizerVocabulary):
 
     def __init__(self, examples: Sequence[Example | tuple[str, str]], tokenizer, batch_size: int, seed: int,
                  max_len: int, eval_examples: Sequence[Example | tuple[str, str]] = (), eval_batch_size: int = 8,
-                 lm_eval: LmEvalSettings | None = None):
+                 lm_eval: LmEvalSettings | None = None, n_examples: int | None = None):
         self.lm_eval = lm_eval
         self.tokenizer, self.batch_size, self.seed, self.max_len = tokenizer, batch_size, seed, max_len
         self.eval_batch_size, self.pad_id = eval_batch_size, padding_token_id(tokenizer)
-        self.data = encode_examples(examples, tokenizer, max_len)
+        self.data = encode_examples(examples, tokenizer, max_len, limit=n_examples)
+        if n_examples is not None and len(self.data) < n_examples:
+            raise ValueError(f"task.n_train={n_examples} asks for more training examples than the training set has "
+                             f"with something to learn within max_len={max_len} ({len(self.data):,})")
         self.eval_data = encode_examples(eval_examples, tokenizer, max_len) if len(eval_examples) else None
         check_batch_fits(batch_size, len(self.data), "training examples")
 
@@ -125,7 +131,8 @@ class TextTask(TokenizerVocabulary):
 
     def __init__(self, texts: Sequence[str], tokenizer, batch_size: int, seed: int, seq_len: int,
                  eval_texts: Sequence[str] = (), eval_choices: Sequence[ChoiceExample] = (),
-                 eval_batch_size: int = 8, eval_blocks: int | None = None, lm_eval: LmEvalSettings | None = None):
+                 eval_batch_size: int = 8, eval_blocks: int | None = None, lm_eval: LmEvalSettings | None = None,
+                 n_blocks: int | None = None):
         self.lm_eval = lm_eval
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token; packing needs one between documents")
@@ -134,6 +141,8 @@ class TextTask(TokenizerVocabulary):
         # scored within seq_len, the context the model is trained on
         self.choice_data = encode_choices(self.eval_choices, tokenizer, seq_len) if self.eval_choices else None
         self.blocks = pack_documents(encode_texts(texts, tokenizer), seq_len, tokenizer.eos_token_id)  # (N, T)
+        if n_blocks is not None:
+            self.blocks = _first(self.blocks, n_blocks, f"training blocks of seq_len={seq_len}")
         self.eval_blocks = None
         if len(eval_texts):
             blocks = pack_documents(encode_texts(eval_texts, tokenizer), seq_len, tokenizer.eos_token_id)
@@ -175,20 +184,30 @@ def build_finetune_task(spec: FinetuneTaskSpec, tokenizer, *, batch_size: int, s
         if spec.kind == "sft":
             mini_data = {"gsm8k": data.gsm8k_mini, "alpaca": data.alpaca_mini}[spec.dataset]
             train, heldout = mini_data(data_root, spec.n_eval)
-            return SFTTask(train, tokenizer, batch_size, seed, spec.max_len, eval_examples=heldout, **common)
+            return SFTTask(train, tokenizer, batch_size, seed, spec.max_len, eval_examples=heldout,
+                           n_examples=spec.n_train, **common)
         train, heldout, questions = data.pubmed_texts(data_root, adaptllm=AdaptLLMConfig() if spec.adaptllm else None,
                                                       instruction_ratio=spec.instruction_ratio, seed=seed)
         return TextTask(train, tokenizer, batch_size, seed, spec.max_len, eval_texts=heldout[:spec.n_eval],
-                        eval_choices=questions[:spec.n_eval], **common)
+                        eval_choices=questions[:spec.n_eval], n_blocks=spec.n_train, **common)
     if load_dataset is None:
         from datasets import load_dataset
     if spec.kind == "sft":
         hub_data = {"metamathqa": data.load_metamathqa, "tulu_v2": data.load_tulu_v2}[spec.dataset]
         return SFTTask(hub_data(load_dataset, spec.hub_id, spec.hub_split), tokenizer, batch_size, seed,
-                       spec.max_len, lm_eval=spec.lm_eval)
+                       spec.max_len, lm_eval=spec.lm_eval, n_examples=spec.n_train)
     rows = require_columns(load_dataset(spec.hub_id, split=spec.hub_split), (spec.text_field,), spec.hub_id,
                            spec.hub_split, hint="task.text_field names the text column")
     texts = [row[spec.text_field] for row in rows]
     if spec.adaptllm:
         texts = convert_corpus(texts, AdaptLLMConfig(), seed)
-    return TextTask(texts, tokenizer, batch_size, seed, spec.max_len, lm_eval=spec.lm_eval)
+    return TextTask(texts, tokenizer, batch_size, seed, spec.max_len, lm_eval=spec.lm_eval, n_blocks=spec.n_train)
+
+
+def _first(items, n: int | None, what: str):
+    """The first ``n`` of ``items`` (all when ``n`` is None); fewer than ``n`` is an error naming task.n_train."""
+    if n is None:
+        return items
+    if n > len(items):
+        raise ValueError(f"task.n_train={n} asks for more {what} than the training set has ({len(items):,})")
+    return items[:n]
