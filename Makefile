@@ -39,9 +39,21 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
-## side-by-side step time / memory / ΔW-build ratios: bare Linear vs LoRA vs MoRA (results/bench/)
+## one projection, side by side: every MoRA operator vs its straightforward implementation (benchmarks/straightforward.py),
+## peft's LoRA and the bare Linear; LLaMA-2-7B shapes, 256 and 2,048 tokens, r = 8 and 256, float32, plus bfloat16 at
+## 4096->4096 and 256 tokens (bfloat16 GEMMs are ~6x slower than float32 on a CPU without bf16 units). Step time, memory,
+## ΔW build, a verdict per row; JSON in results/bench/, copied to benchmarks/measured/, the README table re-rendered
 bench: $(STAMP)
-	$(PY) benchmarks/bench_adapters.py
+	$(PY) benchmarks/bench_adapters.py --out results/bench/adapters_float32.json
+	$(PY) benchmarks/bench_adapters.py --dtype bfloat16 --tokens 256 --shapes 4096x4096 --out results/bench/adapters_bfloat16.json
+	$(PY) benchmarks/report.py results/bench/adapters_float32.json results/bench/adapters_bfloat16.json
+
+## one training step of a small LLaMA (all 7 projections adapted): bare, LoRA, MoRA share, MoRA rotate, side by side;
+## results/bench/model.json, copied to benchmarks/measured/, the README table re-rendered
+.PHONY: bench-model
+bench-model: $(STAMP)
+	$(PY) benchmarks/bench_model.py --out results/bench/model.json
+	$(PY) benchmarks/report.py results/bench/model.json
 
 ## the GPU code path in one script (minutes, no downloads): every task kind in float32 and bfloat16, the adapter
 ## benchmark, MoRA vs LoRA whole-model step time and peak memory at LLaMA-2-7B shape (results/gpu_check/);

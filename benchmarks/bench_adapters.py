@@ -1,31 +1,35 @@
-"""Speed and memory of MoRA's operators against LoRA on LLaMA-2-7B linear-layer shapes.
+"""Speed and memory of MoRA's operators against the straightforward implementation, LoRA and the bare layer.
 
 The paper claims MoRA trains in "almost the same time and memory" as LoRA thanks to its
-non-parameter operators, with rotation (Eq. 9) up to ~1.15× slower at rank 8 (Section 8,
-"Limitation"; Section 4 puts decoupling at 1.03× sharing). This script checks that per layer.
+non-parameter operators, with rotation (Eq. 9) up to ~1.15× slower at rank 8 (Section 8). peft's
+LoRA is a weak yardstick on a CPU (its overhead is memory traffic, not arithmetic), so every MoRA
+operator is also timed against the straightforward implementation of the same operator
+(benchmarks/straightforward.py: pad-and-view-sum compression, concatenate-and-tile decompression,
+one rotation per input block; same M, same x, the same output to float precision).
 
-What is measured, for each weight shape k→d and LoRA-equivalent rank r (Section 4 budget):
+What is measured, for each weight shape k→d, number of tokens T and LoRA-equivalent rank r:
 
 1. Step time: forward + backward of one frozen ``nn.Linear`` (the "bare" layer), of it plus
-   peft's LoRA, and of it plus MoRA with each operator (truncate, share, decouple, rotate). The
-   backward is driven by a fixed random output gradient (loss = <out, g>), so it fills x.grad
-   and the adapter's gradients. Configurations are interleaved: after a warm-up, every round
-   times each configuration once in a shuffled order, and the median over rounds is reported,
-   so machine noise hits all configurations alike.
-2. Memory: on CPU (no allocator statistics) ``saved_activation_bytes``, a proxy: the unique
-   storages saved for backward (views of x count once; parameters and buffers are excluded as
-   they live anyway) plus the output and gradient bytes. On CUDA also the real peak of one step.
-3. ΔW build time: ``MoRAAdapter.delta_weight()`` and peft's ``get_delta_weight`` against a plain
-   copy of W (``W.clone()``), the floor for any merge. On CPU both include the page faults of a
-   fresh d×k allocation, whose cost depends on the allocator's state (a 64 MB clone took 4 ms in
-   one run and 21 ms in another), so compare this ratio within one run; absolute medians are in
-   the JSON.
+   peft's LoRA, of it plus MoRA under each operator, and of it plus the straightforward MoRA. The
+   backward is driven by a fixed random output gradient, so it fills x.grad and the adapter's
+   gradients. Configurations are interleaved: after a warm-up, every round times each
+   configuration once in a shuffled order, and the median over rounds is reported. On the CPU the
+   clock is the thread's CPU time (one thread, ``time.thread_time``): on a shared machine it does not
+   count the time the process waits for a core, which wall-clock time does; on CUDA, wall-clock
+   time after a synchronize. The bare layer is timed twice as two configurations ("bare" and
+   "bare-again"): their ratio is an A/A comparison, the run's own noise band.
+2. Memory: on CPU ``saved_activation_bytes``, a proxy: the unique storages saved for backward
+   (views of x count once; parameters and buffers are excluded as they live anyway) plus the output
+   and gradient bytes. On CUDA also the real peak of one step.
+3. ΔW build time: ``MoRAAdapter.delta_weight()``, the straightforward build, peft's
+   ``get_delta_weight`` and a plain copy of W (``W.clone()``, the floor for any merge).
 
-It prints a table of ratios (MoRA/LoRA, MoRA/bare, LoRA/bare, memory, ΔW build/copy) beside
-the targets (sharing ≤ 1.02× LoRA step time, rotation ≤ 1.08×, ΔW build ≤ 5× copy, MoRA memory
-≤ LoRA + 5%; reported, not asserted) and writes raw medians, ratios, settings and hardware to JSON.
+Each MoRA row gets a verdict against the targets of issue 15: step ≤ 1.00× straightforward,
+ΔW build ≤ 1.00× straightforward and ≤ 2× copy, memory ≤ LoRA + 5%. Beside ×bare it prints the
+FLOP bound of the configuration (see :func:`flop_bound`). Raw times, ratios, verdicts, settings,
+load and hardware go to JSON; ``benchmarks/report.py`` renders the README table from it.
 
-Run:  ``python benchmarks/bench_adapters.py`` (what ``make bench`` calls; minutes on CPU),
+Run:  ``python benchmarks/bench_adapters.py`` (what ``make bench`` calls; see the Makefile),
       ``python benchmarks/bench_adapters.py --quick`` for a seconds-long smoke test.
 """
 
@@ -33,6 +37,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
 import random
 import statistics
@@ -46,15 +52,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from mora.layer import MoRAAdapter, MoRALinear
-from mora.operators import OPERATORS
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, for benchmarks/ (not installed)
+from benchmarks.straightforward import StraightforwardMoRA  # noqa: E402
+from mora.layer import MoRAAdapter, MoRALinear  # noqa: E402
+from mora.operators import OPERATORS  # noqa: E402
 
 LLAMA2_7B_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))  # (k, d): q/k/v/o, up/gate, down
 QUICK_SHAPES = ((256, 256), (256, 688), (688, 256))
-METHODS = ("bare", "lora") + OPERATORS
-STEP_TARGETS_VS_LORA = {"share": 1.02, "rotate": 1.08}
-DELTA_TARGET_VS_COPY = 5.0
-MEMORY_TARGET_VS_LORA = 1.05
+STRAIGHTFORWARD = {op: f"{op}-sf" for op in OPERATORS}  # method name of each operator's baseline
+METHODS = ("bare", "bare-again", "lora") + OPERATORS + tuple(STRAIGHTFORWARD.values())
+TARGETS = dict(step_vs_straightforward=1.0, delta_weight_vs_straightforward=1.0, delta_weight_vs_copy=2.0,
+               memory_vs_lora=1.05)
 INIT_STD = 0.01  # non-zero LoRA B and MoRA M, so no zero-weight path is special-cased
 
 
@@ -88,24 +96,29 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
+def int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=2048, help="tokens per step (rows of x)")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timed rounds (median is reported); 3 keeps the CPU run under ~8 min")
+    parser.add_argument("--tokens", type=int_list, default=[256, 2048],
+                        help="comma-separated tokens per step (rows of x), each timed separately")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
-    parser.add_argument("--delta-repeats", type=int, default=7, help="timed rounds of ΔW builds")
+    parser.add_argument("--delta-repeats", type=int, default=5, help="timed rounds of ΔW builds")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (timing assumes 1)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--shapes", type=parse_shapes, default=None,
                         help="comma-separated INxOUT (k→d); default: LLaMA-2-7B shapes")
-    parser.add_argument("--ranks", type=lambda s: [int(r) for r in s.split(",")], default=None,
+    parser.add_argument("--ranks", type=int_list, default=None,
                         help="comma-separated LoRA-equivalent ranks; default: 8,256")
     parser.add_argument("--out", type=Path, default=Path("results/bench/adapters.json"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
-                        help="tiny shapes, ranks 8,32, 256 tokens, 3 repeats: a smoke test")
+                        help="tiny shapes, ranks 8,32, 64 and 256 tokens, one round: a smoke test")
     return parser
 
 
@@ -113,12 +126,11 @@ def resolve_settings(args: argparse.Namespace) -> dict:
     """Fill defaults; --quick overrides sizes but keeps explicit --out/--device/--dtype."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     settings = dict(tokens=args.tokens, repeats=args.repeats, warmup=args.warmup,
-                    delta_repeats=args.delta_repeats, device=device, dtype=args.dtype,
+                    delta_repeats=args.delta_repeats, threads=args.threads, device=device, dtype=args.dtype,
                     shapes=args.shapes or list(LLAMA2_7B_SHAPES), ranks=args.ranks or [8, 256],
                     seed=args.seed, quick=args.quick, out=str(args.out))
     if args.quick:
-        settings.update(tokens=256, repeats=3, delta_repeats=3, shapes=list(QUICK_SHAPES),
-                        ranks=[8, 32])
+        settings.update(tokens=[64, 256], repeats=1, delta_repeats=1, shapes=list(QUICK_SHAPES), ranks=[8, 32])
     return settings
 
 
@@ -145,28 +157,32 @@ def build_mora(base: nn.Linear, rank: int, operator: str) -> MoRALinear:
 
 
 def build_modules(base: nn.Linear, ranks: list[int]) -> dict[tuple, nn.Module]:
-    """{(None, 'bare'): base, (r, 'lora'): …, (r, operator): …} sharing the one frozen base."""
-    modules: dict[tuple, nn.Module] = {(None, "bare"): base}
+    """{(None, 'bare'): base, (r, 'lora'): …, (r, op): …, (r, 'op-sf'): …} sharing the one frozen base."""
+    modules: dict[tuple, nn.Module] = {(None, "bare"): base, (None, "bare-again"): base}
     for rank in ranks:
         modules[(rank, "lora")] = build_lora(base, rank)
         for operator in OPERATORS:
-            modules[(rank, operator)] = build_mora(base, rank, operator)
+            mora = modules[(rank, operator)] = build_mora(base, rank, operator)
+            modules[(rank, STRAIGHTFORWARD[operator])] = StraightforwardMoRA(mora)
     return modules
 
 
 # ----------------------------------------------------------------------------- timing
 
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+def clock(device: str) -> Callable[[], float]:
+    """The thread's CPU time on the CPU (immune to waiting for a shared core), else wall time."""
+    return time.thread_time if device == "cpu" else time.perf_counter
 
 
 def time_once(fn: Callable[[], object], device: str) -> float:
-    synchronize(device)
-    start = time.perf_counter()
+    now = clock(device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = now()
     fn()
-    synchronize(device)
-    return time.perf_counter() - start
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return now() - start
 
 
 def interleaved_times(fns: dict, resets: dict, repeats: int, warmup: int, device: str,
@@ -236,6 +252,10 @@ def measure_memory(config: Config, device: str) -> dict[str, int]:
     return memory
 
 
+def memory_metric(device: str) -> str:
+    return "peak_step_bytes" if device == "cuda" else "saved_activation_bytes"
+
+
 # ----------------------------------------------------------------------------- ΔW build
 
 def delta_weight_fns(modules: dict[tuple, nn.Module]) -> dict[tuple, Callable[[], torch.Tensor]]:
@@ -247,126 +267,170 @@ def delta_weight_fns(modules: dict[tuple, nn.Module]) -> dict[tuple, Callable[[]
             fns[(rank, method)] = lambda m=module: m.get_delta_weight("default")
         elif method in OPERATORS:
             fns[(rank, method)] = module.mora.delta_weight
+        elif rank is not None:  # a straightforward baseline
+            fns[(rank, method)] = module.delta_weight
     return fns
+
+
+# ----------------------------------------------------------------------------- FLOP bound
+
+def adapter_macs(method: str, k: int, d: int, rank: int, r_hat: int | None) -> tuple[int, int]:
+    """(GEMM MACs, elementwise ops) one token adds to the frozen layer in one direction.
+
+    LoRA: (k + d)·r GEMM, d adds. truncate: r̂². share: r̂² GEMM, k compression adds and d
+    decompression adds. decouple: n·r̂² over the n used blocks, n·r̂ + d adds. rotate: decouple's,
+    plus 3 ops per used input column (two products and a sum of the 2×2 rotation).
+    """
+    if method == "lora":
+        return (k + d) * rank, d
+    n = min(math.ceil(k / r_hat), math.ceil(d / r_hat))
+    return {"truncate": (r_hat ** 2, d), "share": (r_hat ** 2, k + d),
+            "decouple": (n * r_hat ** 2, n * r_hat + d),
+            "rotate": (n * r_hat ** 2, 4 * n * r_hat + d)}[method]
+
+
+def flop_bound(method: str, k: int, d: int, rank: int, r_hat: int | None) -> float:
+    """Lower bound of step ×bare if time were arithmetic: (2dk + 3·GEMM + 2·elementwise) / 2dk.
+
+    The bare step does d·k MACs forward and d·k backward (∂x only, W is frozen); an adapter's GEMMs
+    run three times (forward, ∂x, ∂M) and its elementwise work twice.
+    """
+    if method.startswith("bare"):
+        return 1.0
+    gemm, elementwise = adapter_macs(method.removesuffix("-sf"), k, d, rank, r_hat)
+    return (2 * d * k + 3 * gemm + 2 * elementwise) / (2 * d * k)
 
 
 # ----------------------------------------------------------------------------- one shape
 
-def make_configs(modules: dict, settings: dict, k: int, d: int) -> dict[tuple, Config]:
-    device, dtype = settings["device"], getattr(torch, settings["dtype"])
-    x = torch.randn(settings["tokens"], k, device=device, dtype=dtype, requires_grad=True)
-    grad_out = torch.randn(settings["tokens"], d, device=device, dtype=dtype)
-    return {name: Config(name, module, x, grad_out) for name, module in modules.items()}
-
-
-def bench_shape(k: int, d: int, settings: dict, rng: random.Random, progress: tqdm) -> dict:
-    """Raw per-round timings for one k→d shape: step times, memory and ΔW builds per config."""
+def bench_shape(k: int, d: int, settings: dict, rng: random.Random, progress: tqdm) -> list[dict]:
+    """Entries of one k→d shape at every token count: step times, memory and ΔW builds."""
     device, dtype = settings["device"], getattr(torch, settings["dtype"])
     base = nn.Linear(k, d, bias=False, device=device, dtype=dtype).requires_grad_(False)
     modules = build_modules(base, settings["ranks"])
-    configs = make_configs(modules, settings, k, d)
-    progress.set_description(f"{k}->{d}")
-    step_times = interleaved_times({n: c.step for n, c in configs.items()},
-                                   {n: c.reset for n, c in configs.items()},
-                                   settings["repeats"], settings["warmup"], device, rng, progress)
-    memory = {name: measure_memory(config, device) for name, config in configs.items()}
+    progress.set_description(f"{k}->{d} ΔW")
     with torch.no_grad():
         builders = delta_weight_fns(modules)
         delta_times = interleaved_times(builders, {n: (lambda: None) for n in builders},
-                                        settings["delta_repeats"], settings["warmup"], device,
-                                        rng, progress)
-    return dict(modules=modules, step_times=step_times, memory=memory, delta_times=delta_times)
-
-
-def shape_entries(k: int, d: int, raw: dict, settings: dict) -> list[dict]:
-    """One JSON entry per (rank, method); the rank-independent bare/copy timings are repeated."""
+                                        settings["delta_repeats"], settings["warmup"], device, rng, progress)
     entries = []
-    for rank in settings["ranks"]:
-        for method in METHODS:
-            key = (None, "bare") if method == "bare" else (rank, method)
-            module = raw["modules"][key]
-            steps = raw["step_times"][key]
-            trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-            entry = dict(shape=f"{k}->{d}", in_features=k, out_features=d, rank=rank,
-                         method=method, step_s=statistics.median(steps), step_s_all=steps,
-                         trainable_params=trainable, memory=raw["memory"][key],
-                         copy_s=statistics.median(raw["delta_times"][(None, "copy")]))
-            if method in OPERATORS:
-                entry["r_hat"] = module.mora.r_hat
-            if method != "bare":
-                entry["delta_weight_s"] = statistics.median(raw["delta_times"][key])
-            entries.append(entry)
+    for tokens in settings["tokens"]:
+        progress.set_description(f"{k}->{d} T={tokens}")
+        x = torch.randn(tokens, k, device=device, dtype=dtype, requires_grad=True)
+        grad_out = torch.randn(tokens, d, device=device, dtype=dtype)
+        configs = {name: Config(name, module, x, grad_out) for name, module in modules.items()}
+        step_times = interleaved_times({n: c.step for n, c in configs.items()},
+                                       {n: c.reset for n, c in configs.items()},
+                                       settings["repeats"], settings["warmup"], device, rng, progress)
+        memory = {name: measure_memory(config, device) for name, config in configs.items()}
+        entries += [entry(k, d, tokens, rank, method, modules, step_times, memory, delta_times, settings)
+                    for rank in settings["ranks"] for method in METHODS]
     return entries
 
 
-# ----------------------------------------------------------------------------- ratios
+def entry(k: int, d: int, tokens: int, rank: int, method: str, modules: dict, step_times: dict,
+          memory: dict, delta_times: dict, settings: dict) -> dict:
+    """One JSON entry per (tokens, rank, method); the rank-independent bare timings are repeated."""
+    key = (None, method) if method.startswith("bare") else (rank, method)
+    module = modules[key]
+    r_hat = getattr(getattr(module, "mora", None), "r_hat", None)
+    if method.endswith("-sf"):
+        r_hat = modules[(rank, method.removesuffix("-sf"))].mora.r_hat
+    result = dict(shape=f"{k}->{d}", in_features=k, out_features=d, tokens=tokens, dtype=settings["dtype"],
+                  rank=rank, method=method, r_hat=r_hat, step_s=statistics.median(step_times[key]),
+                  step_s_all=step_times[key], memory=memory[key],
+                  trainable_params=sum(p.numel() for p in module.parameters() if p.requires_grad),
+                  copy_s=statistics.median(delta_times[(None, "copy")]),
+                  flop_bound_vs_bare=flop_bound(method, k, d, rank, r_hat))
+    if key in delta_times:
+        result["delta_weight_s"] = statistics.median(delta_times[key])
+    return result
 
-def memory_metric(device: str) -> str:
-    return "peak_step_bytes" if device == "cuda" else "saved_activation_bytes"
 
+# ----------------------------------------------------------------------------- ratios and verdicts
 
 def add_ratios(entries: list[dict], device: str) -> None:
-    """Attach ratios to LoRA and the bare layer (same shape and rank) and target verdicts."""
+    """Attach ratios to the bare layer, LoRA and the straightforward operator, and the verdicts."""
     metric = memory_metric(device)
-    by_key = {(e["shape"], e["rank"], e["method"]): e for e in entries}
-    for entry in entries:
-        lora = by_key[(entry["shape"], entry["rank"], "lora")]
-        bare = by_key[(entry["shape"], entry["rank"], "bare")]
-        ratios = dict(step_vs_lora=entry["step_s"] / lora["step_s"],
-                      step_vs_bare=entry["step_s"] / bare["step_s"],
-                      memory_vs_lora=entry["memory"][metric] / lora["memory"][metric],
-                      memory_vs_bare=entry["memory"][metric] / bare["memory"][metric])
-        if "delta_weight_s" in entry:
-            ratios["delta_weight_vs_copy"] = entry["delta_weight_s"] / entry["copy_s"]
-        entry["ratios"] = ratios
-        entry["targets"] = targets_for(entry)
+    by_key = {(e["shape"], e["tokens"], e["rank"], e["method"]): e for e in entries}
+    for e in entries:
+        group = (e["shape"], e["tokens"], e["rank"])
+        bare, lora = by_key[(*group, "bare")], by_key[(*group, "lora")]
+        ratios = dict(step_vs_bare=e["step_s"] / bare["step_s"], step_vs_lora=e["step_s"] / lora["step_s"],
+                      memory_vs_lora=e["memory"][metric] / lora["memory"][metric])
+        if "delta_weight_s" in e:
+            ratios["delta_weight_vs_copy"] = e["delta_weight_s"] / e["copy_s"]
+        if e["method"] in OPERATORS:
+            sf = by_key[(*group, STRAIGHTFORWARD[e["method"]])]
+            ratios["step_vs_straightforward"] = e["step_s"] / sf["step_s"]
+            ratios["delta_weight_vs_straightforward"] = e["delta_weight_s"] / sf["delta_weight_s"]
+        e["ratios"] = ratios
+        e["verdicts"] = verdicts(e)
 
 
-def targets_for(entry: dict) -> dict[str, dict]:
-    """{ratio name: {'max': target, 'met': bool}} for the targets that apply to this method."""
-    method, ratios = entry["method"], entry["ratios"]
-    limits = {}
-    if method in STEP_TARGETS_VS_LORA:
-        limits["step_vs_lora"] = STEP_TARGETS_VS_LORA[method]
-    if method in OPERATORS:
-        limits["memory_vs_lora"] = MEMORY_TARGET_VS_LORA
-        limits["delta_weight_vs_copy"] = DELTA_TARGET_VS_COPY
-    return {name: dict(max=limit, met=ratios[name] <= limit) for name, limit in limits.items()}
+def verdicts(entry: dict) -> dict[str, dict]:
+    """{ratio: {'max': target, 'met': bool}} for the issue-15 targets of a MoRA operator row."""
+    if entry["method"] not in OPERATORS:
+        return {}
+    return {name: dict(max=limit, met=entry["ratios"][name] <= limit) for name, limit in TARGETS.items()}
+
+
+def noise_band(entries: list[dict]) -> dict:
+    """The A/A comparison: step time of the bare layer against itself, per shape and token count."""
+    ratios = sorted({(e["shape"], e["tokens"]): e["ratios"]["step_vs_bare"]
+                     for e in entries if e["method"] == "bare-again"}.items())
+    deviations = [abs(r - 1.0) for _, r in ratios]
+    return dict(aa_ratios={f"{shape} T={tokens}": r for (shape, tokens), r in ratios},
+                max_abs_deviation=max(deviations) if deviations else None)
 
 
 # ----------------------------------------------------------------------------- report
 
-TABLE_COLUMNS = (("shape", 12), ("rank", 5), ("method", 9), ("r_hat", 5), ("step ms", 9),
-                 ("×LoRA", 6), ("target", 11), ("×bare", 6), ("mem×LoRA", 8), ("target", 11),
-                 ("mem×bare", 8), ("ΔW/copy", 8), ("target", 11))
+TABLE_COLUMNS = (("shape", 12), ("T", 5), ("rank", 4), ("method", 9), ("r_hat", 5), ("step ms", 9),
+                 ("×sf", 6), ("×bare", 6), ("FLOP×bare", 9), ("×LoRA", 6), ("mem×LoRA", 8),
+                 ("ΔW×sf", 6), ("ΔW/copy", 7), ("verdict", 16))
 
 
-def target_cell(entry: dict, ratio: str) -> str:
-    target = entry["targets"].get(ratio)
-    if target is None:
+def verdict_cell(entry: dict) -> str:
+    if not entry["verdicts"]:
         return ""
-    return f"≤{target['max']:g} {'ok' if target['met'] else 'MISS'}"
+    missed = [name for name, v in entry["verdicts"].items() if not v["met"]]
+    return "ok" if not missed else "MISS " + ",".join(SHORT_NAMES[m] for m in missed)
+
+
+SHORT_NAMES = dict(step_vs_straightforward="step", delta_weight_vs_straightforward="ΔW×sf",
+                   delta_weight_vs_copy="ΔW/copy", memory_vs_lora="mem")
 
 
 def table_row(entry: dict) -> list[str]:
     r = entry["ratios"]
-    delta = r.get("delta_weight_vs_copy")
-    return [entry["shape"], str(entry["rank"]), entry["method"], str(entry.get("r_hat", "")),
-            f"{entry['step_s'] * 1e3:.1f}", f"{r['step_vs_lora']:.3f}", target_cell(entry, "step_vs_lora"),
-            f"{r['step_vs_bare']:.3f}", f"{r['memory_vs_lora']:.3f}", target_cell(entry, "memory_vs_lora"),
-            f"{r['memory_vs_bare']:.3f}", "" if delta is None else f"{delta:.2f}",
-            target_cell(entry, "delta_weight_vs_copy")]
+
+    def fmt(name: str, digits: int = 3) -> str:
+        return "" if name not in r else f"{r[name]:.{digits}f}"
+
+    return [entry["shape"], str(entry["tokens"]), str(entry["rank"]), entry["method"],
+            str(entry["r_hat"] or ""), f"{entry['step_s'] * 1e3:.1f}", fmt("step_vs_straightforward"),
+            fmt("step_vs_bare"), f"{entry['flop_bound_vs_bare']:.3f}", fmt("step_vs_lora"),
+            fmt("memory_vs_lora"), fmt("delta_weight_vs_straightforward", 2), fmt("delta_weight_vs_copy", 2),
+            verdict_cell(entry)]
 
 
-def format_table(entries: list[dict], device: str) -> str:
+def format_table(result: dict) -> str:
     def line(cells: list[str]) -> str:
         return "  ".join(cell.ljust(width) for cell, (_, width) in zip(cells, TABLE_COLUMNS)).rstrip()
 
     header = line([name for name, _ in TABLE_COLUMNS])
-    rows = [line(table_row(e)) for e in entries]
-    note = (f"memory = {memory_metric(device)}"
-            + (" (CPU proxy: saved-for-backward storages + output + grads)" if device == "cpu" else ""))
-    return "\n".join([header, "-" * len(header), *rows, note])
+    rows = [line(table_row(e)) for e in result["entries"] if not e["method"].endswith("-sf")]
+    band = result["noise"]["max_abs_deviation"]
+    notes = [f"memory = {result['memory_metric']}"
+             + (" (CPU proxy: saved-for-backward storages + output + grads)" if result["memory_metric"]
+                == "saved_activation_bytes" else ""),
+             f"clock = {result['clock']}; noise band (A/A, bare vs bare-again): ±{band:.3f}",
+             f"targets: step ×sf ≤ {TARGETS['step_vs_straightforward']}, ΔW ×sf ≤ "
+             f"{TARGETS['delta_weight_vs_straightforward']}, ΔW/copy ≤ {TARGETS['delta_weight_vs_copy']}, "
+             f"mem ×LoRA ≤ {TARGETS['memory_vs_lora']}",
+             f"all MoRA rows meet every target: {result['all_met']}"]
+    return "\n".join([header, "-" * len(header), *rows, *notes])
 
 
 def cpu_model() -> str:
@@ -380,48 +444,59 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages (other processes' demand for the cores), where available."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def environment(device: str) -> dict:
     return dict(torch_version=torch.__version__, python_version=platform.python_version(),
                 platform=platform.platform(), processor=platform.processor(), cpu_model=cpu_model(),
-                device=device, num_threads=torch.get_num_threads(),
+                cpu_count=os.cpu_count(), device=device, num_threads=torch.get_num_threads(),
                 device_name=torch.cuda.get_device_name() if device == "cuda" else cpu_model())
 
 
 # ----------------------------------------------------------------------------- driver
 
 def progress_total(settings: dict) -> int:
-    n_steps = 1 + len(settings["ranks"]) * (1 + len(OPERATORS))  # bare + (LoRA + MoRA) per rank
-    per_shape = (settings["warmup"] + settings["repeats"]) * n_steps
-    per_shape += (settings["warmup"] + settings["delta_repeats"]) * n_steps  # copy replaces bare
-    return per_shape * len(settings["shapes"])
+    n_configs = 2 + len(settings["ranks"]) * (1 + 2 * len(OPERATORS))
+    steps = (settings["warmup"] + settings["repeats"]) * n_configs * len(settings["tokens"])
+    builds = (settings["warmup"] + settings["delta_repeats"]) * (n_configs - 1)  # copy replaces the bares
+    return (steps + builds) * len(settings["shapes"])
 
 
 def run(settings: dict) -> dict:
-    """Benchmark every shape; returns the JSON-ready result (entries carry ratios and targets)."""
+    """Benchmark every shape; returns the JSON-ready result (entries carry ratios and verdicts)."""
     torch.manual_seed(settings["seed"])
+    if settings["device"] == "cpu":
+        torch.set_num_threads(settings["threads"])
     rng = random.Random(settings["seed"])
-    start = time.perf_counter()
+    start, load_before = time.perf_counter(), load_average()
     entries = []
-    with tqdm(total=progress_total(settings), unit="step", file=sys.stderr) as progress:
+    with tqdm(total=progress_total(settings), unit="call", file=sys.stderr) as progress:
         for k, d in settings["shapes"]:
-            raw = bench_shape(k, d, settings, rng, progress)
-            entries.extend(shape_entries(k, d, raw, settings))
+            entries.extend(bench_shape(k, d, settings, rng, progress))
     add_ratios(entries, settings["device"])
+    mora_rows = [e for e in entries if e["method"] in OPERATORS]
     return dict(settings={**settings, "shapes": [list(s) for s in settings["shapes"]]},
                 environment=environment(settings["device"]), memory_metric=memory_metric(settings["device"]),
-                targets=dict(step_vs_lora=STEP_TARGETS_VS_LORA, delta_weight_vs_copy=DELTA_TARGET_VS_COPY,
-                             memory_vs_lora=MEMORY_TARGET_VS_LORA),
+                clock="thread CPU time" if settings["device"] == "cpu" else "wall time (synchronized)",
+                load_average=dict(before=load_before, after=load_average()), targets=TARGETS,
+                noise=noise_band(entries), all_met=all(v["met"] for e in mora_rows for v in e["verdicts"].values()),
                 entries=entries, wall_time_s=time.perf_counter() - start)
 
 
 def main(argv: list[str] | None = None) -> dict:
     settings = resolve_settings(build_parser().parse_args(argv))
     result = run(settings)
-    print(format_table(result["entries"], settings["device"]))
-    env = result["environment"]
+    print(format_table(result))
+    env, load = result["environment"], result["load_average"]
     print(f"device={env['device_name']} threads={env['num_threads']} torch={env['torch_version']} "
           f"dtype={settings['dtype']} tokens={settings['tokens']} repeats={settings['repeats']} "
-          f"wall={result['wall_time_s']:.1f}s")
+          f"load={load['before']}→{load['after']} wall={result['wall_time_s']:.1f}s")
     out = Path(settings["out"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, allow_nan=True))

@@ -287,17 +287,34 @@ def rotation_tables(r_hat: int, n_blocks: int) -> tuple[torch.Tensor, torch.Tens
     return angles.cos().float(), angles.sin().float()
 
 
-def rotated_blocks(M: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """P^i = M R_i for every block i (Eq. 10): (r̂, r̂) -> (n, r̂, r̂).
+def rotated_blocks(M: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """P^i = M R_i for every block i (Eq. 10): (r̂, r̂) -> (n, r̂, r̂), in M's dtype.
 
     With rotate-half, (R v)_t = v_t cos − v_{t+h} sin and (R v)_{t+h} = v_{t+h} cos + v_t sin, so
     column t of M R is M_t cos + M_{t+h} sin and column t+h is M_{t+h} cos − M_t sin. Cost n·r̂²,
-    independent of the number of tokens.
+    independent of the number of tokens. Computed at the wider of M's and the tables' precision
+    (float32 for a bfloat16 M) and rounded once; ``out`` (n, r̂, r̂), any strides, receives it.
     """
     h = M.shape[-1] // 2
-    M_half_swapped = torch.cat([M[:, h:], -M[:, :h]], dim=-1)          # (r̂, r̂)
-    cos, sin = cos.to(M.dtype)[:, None, :], sin.to(M.dtype)[:, None, :]  # (n, 1, r̂)
-    return M * cos + M_half_swapped * sin
+    M_half_swapped = torch.cat([M[:, h:], -M[:, :h]], dim=-1)                       # (r̂, r̂)
+    cos, sin = cos[:, None, :], sin[:, None, :]                                     # (n, 1, r̂)
+    differentiable = torch.is_grad_enabled() and M.requires_grad
+    if out is not None and out.dtype == torch.promote_types(M.dtype, cos.dtype) and not differentiable:
+        return torch.mul(M, cos, out=out).addcmul_(M_half_swapped, sin)             # written in place
+    dtype = torch.promote_types(M.dtype, cos.dtype)
+    P = torch.addcmul(M.to(dtype) * cos, M_half_swapped.to(dtype), sin).to(M.dtype)
+    return P if out is None else out.copy_(P)
+
+
+def _rotated_blocks_adjoint(grad_P: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """∂M from ∂P^i (n, r̂, r̂) through P^i = M R_i: Σ_i ∂P^i R_iᵀ, i.e. Σ_i ∂P^i cos_i + rot(Σ_i ∂P^i sin_i)."""
+    dtype = torch.promote_types(grad_P.dtype, cos.dtype)
+    g = grad_P.to(dtype)
+    by_cos = (g * cos.to(dtype)[:, None, :]).sum(0)                     # (r̂, r̂)
+    by_sin = (g * sin.to(dtype)[:, None, :]).sum(0)
+    h = by_sin.shape[-1] // 2
+    return by_cos.add_(torch.cat([-by_sin[:, h:], by_sin[:, :h]], dim=-1)).to(grad_P.dtype)
 
 
 # ----------------------------------------------------------------------------- Δx and ΔW
@@ -320,35 +337,186 @@ def add_mora_update(out: torch.Tensor, x: torch.Tensor, M: torch.Tensor, layout:
         if layout.decompress_groups == "cyclic":
             return add_periodic(out, y.unsqueeze(-2), 0, layout.r_hat)
         return add_interleaved(out, y)
-    P = M if layout.operator == "decouple" else rotated_blocks(M, cos, sin)
-    return _add_blockwise(out, x, P, layout)
+    return _add_blockwise(out, x, M, layout, cos, sin)
 
 
-def _add_blockwise(out: torch.Tensor, x: torch.Tensor, P: torch.Tensor, layout: MoRALayout) -> torch.Tensor:
-    """decouple/rotate: out += concat_i(P^i x̃_i) truncated or tiled to d (Eq. 8–9).
+def _block_matrices(M: torch.Tensor, layout: MoRALayout, cos: torch.Tensor | None,
+                    sin: torch.Tensor | None) -> torch.Tensor:
+    """(n_used, r̂, r̂): M for every used block (decouple, a broadcast view) or P^i = M R_i (rotate)."""
+    n = layout.n_used_blocks
+    if layout.operator == "decouple":
+        return M.expand(n, *M.shape)
+    return rotated_blocks(M, cos[:n], sin[:n])
 
-    ``P`` is M (decouple) or the stack of M R_i (rotate). Full blocks are read as a view of x;
-    only a partial last block is padded (an r̂-wide copy), so nothing input-sized is copied.
-    ``out`` keeps its shape: adding into a reshaped view of it would make autograd clone ∂out.
+
+def _add_blockwise(out: torch.Tensor, x: torch.Tensor, M: torch.Tensor, layout: MoRALayout,
+                   cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
+    """decouple/rotate: out += concat_i(P^i x̃_i) truncated or tiled to d (Eq. 8–9); see _AddBlockwise."""
+    if not (torch.is_grad_enabled() and (out.requires_grad or x.requires_grad or M.requires_grad)):
+        return _blockwise_update(out, x, M, layout, cos, sin)
+    return _AddBlockwise.apply(out, x, M, cos, sin, layout)
+
+
+class _AddBlockwise(torch.autograd.Function):
+    """out += Eq. 8–9 with a backward that keeps only x (as LoRA keeps x) and M.
+
+    Rotation is applied to whichever side is smaller: to M (the stack P^i = M R_i, n·r̂²
+    entries, then one batched GEMM) when the step has more than r̂ tokens, else to the input
+    blocks (T·n·r̂ entries, then one GEMM with the shared M). Neither P nor the rotated or padded
+    blocks are saved: they are recomputed in the backward, so the activation memory is x alone.
+    When the blocks cover the output exactly (n·r̂ = d, LLaMA's 4096→4096 at r = 8), the GEMM
+    accumulates straight into out and ∂z is a view of ∂out: no (T, d) temporary either way.
     """
-    r, k = layout.r_hat, layout.in_features
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)                                               # (T, k)
-    period = layout.n_blocks * r
-    n_full = min(k // r, layout.n_used_blocks)
-    if n_full:
-        blocks = x2[:, :n_full * r].unflatten(-1, (n_full, r))        # (T, n_full, r̂) view
-        if P.dim() == 2 and n_full * r == k:
-            z = blocks @ P.T                                          # one GEMM over T·n rows
-        else:  # batched over blocks, reading the strided view in place (no copy of x)
-            P_blocks = P.expand(n_full, r, r) if P.dim() == 2 else P[:n_full]
-            z = torch.bmm(blocks.transpose(0, 1), P_blocks.transpose(1, 2)).transpose(0, 1)
-        add_periodic(out, z.view(*lead, n_full, r).to(out.dtype), 0, period)   # (..., n_full, r̂)
-    if layout.n_used_blocks > n_full:  # the padded last block reaches the output
-        tail = padded_slice(x, n_full * r, r, layout.padding)         # (..., r̂)
-        P_last = P if P.dim() == 2 else P[n_full]
-        add_periodic(out, (tail @ P_last.T).unsqueeze(-2).to(out.dtype), n_full * r, period)
+
+    @staticmethod
+    def forward(ctx, out, x, M, cos, sin, layout):
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(x, M, cos, sin)
+        ctx.layout = layout
+        ctx.rotate_inputs = _rotate_inputs(layout, x.numel() // layout.in_features)
+        return _blockwise_update(out, x, M, layout, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, M, cos, sin = ctx.saved_tensors
+        layout = ctx.layout
+        r, k, n = layout.r_hat, layout.in_features, layout.n_used_blocks
+        x2 = x.reshape(-1, k)                                                       # (T, k)
+        T = x2.shape[0]
+        if _covers_output(grad_out, layout):
+            grad_z = grad_out.view(T, n, r)
+        else:
+            grad_z = _sum_periodic(grad_out.reshape(T, -1), torch.Size((T, n, r)), 0, layout.n_blocks * r)
+        grad_z = grad_z.to(M.dtype)
+        grad_x = grad_M = None
+        if ctx.rotate_inputs:
+            if ctx.needs_input_grad[1]:  # ∂x̃_i = R_iᵀ Mᵀ ∂z_i
+                grad_x = _blocks_to_columns(grad_z @ M, layout, cos, sin)
+            if ctx.needs_input_grad[2]:  # ∂M = Σ ∂z_i a_iᵀ, a recomputed
+                grad_M = grad_z.flatten(0, 1).T @ _rotated_inputs(x2, layout, cos, sin).flatten(0, 1)
+        else:
+            P = _block_matrices(M, layout, cos, sin)
+            grad_z = grad_z.transpose(0, 1)                                         # (n, T, r̂)
+            if ctx.needs_input_grad[1]:  # ∂x̃_i = P^iᵀ ∂z_i
+                grad_x = _blocks_to_columns(torch.bmm(grad_z, P).transpose(0, 1), layout)
+            if ctx.needs_input_grad[2]:
+                grad_P = _blockwise_grad_P(grad_z, x2, layout)                      # (n, r̂, r̂)
+                grad_M = grad_P.sum(0) if layout.operator == "decouple" else _rotated_blocks_adjoint(
+                    grad_P, cos[:n], sin[:n])
+        return grad_out, None if grad_x is None else grad_x.view(x.shape), grad_M, None, None, None
+
+
+def _blockwise_update(out: torch.Tensor, x: torch.Tensor, M: torch.Tensor, layout: MoRALayout,
+                      cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
+    """The forward of _AddBlockwise: rotate the inputs or the block matrices, whichever is smaller."""
+    x2 = x.reshape(-1, layout.in_features)                                         # (T, k)
+    if not _rotate_inputs(layout, x2.shape[0]):
+        return _blockwise_forward(out, x, _block_matrices(M, layout, cos, sin), layout)
+    a = _rotated_inputs(x2, layout, cos, sin).flatten(0, 1)                        # (T·n, r̂)
+    if _covers_output(out, layout) and out.dtype == a.dtype:
+        out.view(-1, layout.r_hat).addmm_(a, M.T)
+        return out
+    z = (a @ M.T).view(*x.shape[:-1], layout.n_used_blocks, layout.r_hat)           # (..., n, r̂)
+    return _add_periodic(out, z.to(out.dtype), 0, layout.n_blocks * layout.r_hat)
+
+
+def _covers_output(out: torch.Tensor, layout: MoRALayout) -> bool:
+    """The used blocks tile the output exactly once (n·r̂ = d), and out is contiguous."""
+    return layout.n_used_blocks * layout.r_hat == layout.out_features and out.is_contiguous()
+
+
+def _rotate_inputs(layout: MoRALayout, n_tokens: int) -> bool:
+    """Rotate the T·n·r̂ input entries rather than the n·r̂² entries of P when that is fewer."""
+    return layout.operator == "rotate" and n_tokens <= layout.r_hat
+
+
+def _full_blocks(layout: MoRALayout) -> int:
+    """Used blocks that lie wholly inside x; the one after them, if used, is the padded last block."""
+    return min(layout.in_features // layout.r_hat, layout.n_used_blocks)
+
+
+def _rotate(v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool = False,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """R_i v_i (or R_iᵀ v_i) for blocks v (..., n, r̂), rotate-half pairs (t, t + r̂/2) (Eq. 10–11).
+
+    Three fused passes, no rotate-half copy; the float32 tables promote a bfloat16 v in-register.
+    """
+    h = v.shape[-1] // 2
+    sin_half, sign = sin[:, :h], 1.0 if transpose else -1.0
+    out = torch.mul(v, cos, out=torch.empty_like(v) if out is None else out)
+    out[..., :h].addcmul_(v[..., h:], sin_half, value=sign)
+    out[..., h:].addcmul_(v[..., :h], sin_half, value=-sign)
     return out
+
+
+def _rotated_inputs(x2: torch.Tensor, layout: MoRALayout, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """a_i = R_i x̃_i over the used blocks (Eq. 10), (T, n, r̂) contiguous, read from x in place."""
+    r, n, n_full = layout.r_hat, layout.n_used_blocks, _full_blocks(layout)
+    a = x2.new_empty(x2.shape[0], n, r)
+    if n_full:
+        _rotate(x2[:, :n_full * r].unflatten(-1, (n_full, r)), cos[:n_full], sin[:n_full], out=a[:, :n_full])
+    if n > n_full:
+        tail = padded_slice(x2, n_full * r, r, layout.padding).unsqueeze(-2)        # (T, 1, r̂)
+        _rotate(tail, cos[n_full:n], sin[n_full:n], out=a[:, n_full:])
+    return a
+
+
+def _blockwise_forward(out: torch.Tensor, x: torch.Tensor, P: torch.Tensor, layout: MoRALayout) -> torch.Tensor:
+    """out += concat_i(P^i x̃_i) over the used blocks, truncated or tiled to d; P is (n_used, r̂, r̂).
+
+    Full blocks are read as a strided view of x (no copy) by one batched GEMM writing a
+    contiguous (n, T, r̂); only a padded last block is copied (r̂ wide).
+    """
+    r, k, n = layout.r_hat, layout.in_features, layout.n_used_blocks
+    x2 = x.reshape(-1, k)                                                           # (T, k)
+    n_full = _full_blocks(layout)
+    z = x2.new_empty(n, x2.shape[0], r)                                             # (n, T, r̂)
+    if n_full:
+        blocks = x2[:, :n_full * r].unflatten(-1, (n_full, r)).transpose(0, 1)     # (n_full, T, r̂) view
+        torch.bmm(blocks, P[:n_full].transpose(1, 2), out=z[:n_full])
+    if n > n_full:
+        torch.mm(padded_slice(x2, n_full * r, r, layout.padding), P[n_full].T, out=z[n_full])
+    z = z.transpose(0, 1).reshape(*x.shape[:-1], n, r)                              # (..., n, r̂), a view
+    return _add_periodic(out, z.to(out.dtype), 0, layout.n_blocks * r)
+
+
+def _blocks_to_columns(g: torch.Tensor, layout: MoRALayout, cos: torch.Tensor | None = None,
+                       sin: torch.Tensor | None = None) -> torch.Tensor:
+    """(T, n, r̂) gradients of the used (padded) blocks -> ∂x (T, k), rotated back by R_iᵀ when
+    given the tables; the padded part folded onto the inputs it copies, zero past the used blocks."""
+    r, k, n = layout.r_hat, layout.in_features, layout.n_used_blocks
+    n_full = _full_blocks(layout)
+    grad_x = g.new_empty(g.shape[0], k)
+    full = grad_x[:, :n_full * r].unflatten(-1, (n_full, r))                        # (T, n_full, r̂) view
+    if cos is None:
+        full.copy_(g[:, :n_full])
+    else:
+        _rotate(g[:, :n_full], cos[:n_full], sin[:n_full], transpose=True, out=full)
+    if n == n_full:
+        grad_x[:, n_full * r:].zero_()  # inputs past the used blocks never reach the output
+        return grad_x
+    tail = g[:, n_full]                                                             # (T, r̂)
+    if cos is not None:
+        tail = _rotate(g[:, n_full:n], cos[n_full:n], sin[n_full:n], transpose=True)[:, 0]
+    inside = k - n_full * r
+    grad_x[:, n_full * r:] = tail[:, :inside]
+    if layout.padding == "wrap":  # padded position p reads x_{p mod k}
+        src = padded_sources(k, k, r - inside, "wrap").to(grad_x.device)
+        grad_x.index_add_(-1, src, tail[:, inside:])
+    return grad_x
+
+
+def _blockwise_grad_P(grad_z: torch.Tensor, x2: torch.Tensor, layout: MoRALayout) -> torch.Tensor:
+    """∂P^i = ∂z_iᵀ x̃_i summed over tokens, (n, r̂, r̂), reading x's blocks in place."""
+    r, n = layout.r_hat, layout.n_used_blocks
+    n_full = _full_blocks(layout)
+    grad_P = grad_z.new_empty(n, r, r)
+    if n_full:
+        blocks = x2[:, :n_full * r].unflatten(-1, (n_full, r)).transpose(0, 1)     # (n_full, T, r̂)
+        torch.bmm(grad_z[:n_full].transpose(1, 2), blocks, out=grad_P[:n_full])
+    if n > n_full:
+        torch.mm(grad_z[n_full].T, padded_slice(x2, n_full * r, r, layout.padding), out=grad_P[n_full])
+    return grad_P
 
 
 def mora_delta_weight(M: torch.Tensor, layout: MoRALayout, cos: torch.Tensor | None = None,
@@ -394,11 +562,36 @@ def _output_groups(layout: MoRALayout) -> torch.Tensor:
 
 def _blockwise_delta_weight(M: torch.Tensor, layout: MoRALayout, cos: torch.Tensor | None,
                             sin: torch.Tensor | None) -> torch.Tensor:
-    """Block-diagonal ΔW of Eq. 8/9 over the used blocks, rows tiled, padded columns folded."""
-    r, n = layout.r_hat, layout.n_used_blocks
-    P = M.expand(n, r, r) if layout.operator == "decouple" else rotated_blocks(M, cos[:n], sin[:n])
-    diagonal = M.new_zeros(n * r, n * r)
-    # the (r̂, r̂, n) diagonal of the (n, r̂, n, r̂) view holds block i's P^i
-    diagonal.view(n, r, n, r).diagonal(dim1=0, dim2=2).copy_(P.permute(1, 2, 0))
-    rows = torch.arange(layout.out_features, device=M.device) % (layout.n_blocks * r)
-    return fold_padded_columns(diagonal[rows], layout.in_features, layout.padding)
+    """Block-diagonal ΔW of Eq. 8/9, written straight into the (d, k) result.
+
+    Row i holds concatenated position i mod n·r̂ (truncated or tiled to d): block b's P^b sits at
+    rows b·r̂… and columns b·r̂… of the first period, a padded last block's wrapped columns are
+    folded onto the inputs they copy, and later periods are copies of the first. One zero fill of
+    (d, k) plus n·r̂² writes (P^b computed in place on the diagonal), no (n r̂)² intermediate.
+    """
+    d, k, r = layout.out_features, layout.in_features, layout.r_hat
+    n = layout.n_used_blocks
+    period = min(d, layout.n_blocks * r)
+    delta = M.new_zeros(d, k)
+    n_head = min(_full_blocks(layout), period // r)  # blocks wholly inside the first period and x
+    if n_head:
+        head = delta[:n_head * r, :n_head * r].unflatten(0, (n_head, r)).unflatten(-1, (n_head, r))
+        diagonal = head.diagonal(dim1=0, dim2=2).permute(2, 0, 1)                 # (n_head, r̂, r̂) view
+        if layout.operator == "decouple":
+            diagonal.copy_(M.expand_as(diagonal))
+        else:
+            rotated_blocks(M, cos[:n_head], sin[:n_head], out=diagonal)
+    if n > n_head:  # the last used block, cut by d's rows or by k's columns (padded)
+        P = M if layout.operator == "decouple" else rotated_blocks(M, cos[n_head:n], sin[n_head:n])[0]
+        rows = slice(n_head * r, min(period, n_head * r + r))
+        inside = min(r, k - n_head * r)
+        part = P[:rows.stop - rows.start]
+        delta[rows, n_head * r:n_head * r + inside] = part[:, :inside]
+        if inside < r and layout.padding == "wrap":
+            src = padded_sources(k, k, r - inside, "wrap").to(M.device)
+            delta[rows].index_add_(1, src, part[:, inside:])
+    if d > period:  # tiled: row i repeats row i mod period
+        n_tiles, rem = divmod(d, period)
+        delta[period:n_tiles * period].unflatten(0, (n_tiles - 1, period)).copy_(delta[:period])
+        delta[n_tiles * period:] = delta[:rem]
+    return delta

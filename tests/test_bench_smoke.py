@@ -1,41 +1,45 @@
-"""Smoke test of benchmarks/bench_adapters.py: the --quick run completes and its JSON is whole."""
+"""Smoke test of the benchmarks: their --quick runs complete and their JSON is whole."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
-BENCH_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_adapters.py"
+import pytest
 
+from benchmarks import bench_adapters as bench
+from benchmarks import bench_model, report
 
-def load_bench():
-    # benchmarks/ is a script folder, not a package: load the file by path. Registering it in
-    # sys.modules first lets its dataclass resolve its own module.
-    spec = importlib.util.spec_from_file_location("bench_adapters", BENCH_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_quick_benchmark_writes_every_entry(tmp_path):
-    bench = load_bench()
     out = tmp_path / "b.json"
     bench.main(["--quick", "--out", str(out), "--device", "cpu"])
     result = json.loads(out.read_text())
 
-    entries = {(e["shape"], e["rank"], e["method"]): e for e in result["entries"]}
-    expected = {(f"{k}->{d}", rank, method) for k, d in bench.QUICK_SHAPES
+    entries = {(e["shape"], e["tokens"], e["rank"], e["method"]): e for e in result["entries"]}
+    expected = {(f"{k}->{d}", tokens, rank, method) for k, d in bench.QUICK_SHAPES for tokens in (64, 256)
                 for rank in (8, 32) for method in bench.METHODS}
     assert set(entries) == expected
     for key, entry in entries.items():
         assert entry["step_s"] > 0, key
         assert entry["memory"]["saved_activation_bytes"] > 0, key
-        if entry["method"] != "bare":
+        assert entry["flop_bound_vs_bare"] >= 1.0, key
+        if not entry["method"].startswith("bare"):
             assert entry["delta_weight_s"] > 0, key
-        assert entry["ratios"], key
         assert all(math.isfinite(v) and v > 0 for v in entry["ratios"].values()), key
-    assert result["environment"]["num_threads"] >= 1
+        assert bool(entry["verdicts"]) == (entry["method"] in bench.OPERATORS), key
+    assert result["environment"]["num_threads"] >= 1 and result["clock"] == "thread CPU time"
+    assert result["noise"]["max_abs_deviation"] is not None
+    assert "| 256→256 | 64 | 8 (64) |" in report.adapter_table(result)
+
+
+def test_quick_model_benchmark(tmp_path):
+    out = tmp_path / "m.json"
+    bench_model.main(["--quick", "--device", "cpu", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert [a["name"] for a in result["arms"]] == [name for name, _, _ in bench_model.ARMS]
+    assert result["arms"][0]["vs_bare"] == 1.0 and result["arms"][0]["trainable_params"] == 0
+    assert all(a["step_s"] > 0 and a["trainable_params"] > 0 for a in result["arms"][1:])
+    assert "| MoRA rotate |" in report.model_table(result)

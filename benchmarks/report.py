@@ -1,0 +1,120 @@
+"""The README's benchmark tables, rendered from the benchmarks' JSON (the one source of their numbers).
+
+``python benchmarks/report.py RESULT.json … --snapshot benchmarks/measured --readme README.md`` copies
+each result into ``benchmarks/measured/`` (the files behind the README, committed; a new result of
+one kind replaces that kind's old files) and rewrites the
+README between the markers ``<!-- bench:adapters -->`` / ``<!-- /bench:adapters -->`` (layer
+benchmark, bench_adapters.py) and ``<!-- bench:model -->`` / ``<!-- /bench:model -->`` (whole-model
+step, bench_model.py). tests/test_bench_report.py fails when the README and the snapshot differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+from pathlib import Path
+
+OPERATORS = ("truncate", "share", "decouple", "rotate")
+MEASURED = Path(__file__).resolve().parent / "measured"
+
+
+def _cell(entry: dict, ratio: str, digits: int = 2) -> str:
+    value = entry["ratios"].get(ratio)
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _bare_cell(entry: dict) -> str:
+    return f"{entry['ratios']['step_vs_bare']:.2f} ({entry['flop_bound_vs_bare']:.2f})"
+
+
+def adapter_rows(result: dict) -> list[str]:
+    """One row per (shape, tokens, rank): ×straightforward of each operator, ×bare beside its FLOP bound."""
+    groups: dict[tuple, dict] = {}
+    for e in result["entries"]:
+        groups.setdefault((e["in_features"], e["out_features"], e["tokens"], e["rank"]), {})[e["method"]] = e
+    rows = []
+    for (k, d, tokens, rank), by in groups.items():
+        ops = [by[op] for op in OPERATORS]
+        r_hats = sorted({e["r_hat"] for e in ops})
+        missed = sorted({name for e in ops for name, v in e["verdicts"].items() if not v["met"]})
+        cells = [f"{k}→{d}", f"{tokens:,}", f"{rank} ({'/'.join(map(str, r_hats))})",
+                 *[_cell(e, "step_vs_straightforward") for e in ops],
+                 *[_bare_cell(by[m]) for m in ("lora", "share", "rotate")],
+                 f"{max(e['ratios']['memory_vs_lora'] for e in ops):.2f}",
+                 f"{max(e['ratios']['delta_weight_vs_straightforward'] for e in ops):.2f}",
+                 f"{max(e['ratios']['delta_weight_vs_copy'] for e in ops):.2f}",
+                 "ok" if not missed else "MISS " + ", ".join(missed)]
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def adapter_table(result: dict) -> str:
+    settings, env, load = result["settings"], result["environment"], result["load_average"]
+    header = ["k→d", "T", "r (r̂)", "truncate ×sf", "share ×sf", "decouple ×sf", "rotate ×sf",
+              "LoRA ×bare (FLOP)", "share ×bare (FLOP)", "rotate ×bare (FLOP)", "mem ×LoRA (max)",
+              "ΔW ×sf (max)", "ΔW / copy (max)", "verdict"]
+    lines = [f"**{settings['dtype']}**, {settings['device']} ({env['device_name']}, {env['num_threads']} thread), "
+             f"{result['clock']}, median of {settings['repeats']} interleaved rounds; A/A noise band "
+             f"±{result['noise']['max_abs_deviation']:.3f}; load average {load['before'][0]} → {load['after'][0]} "
+             f"on {env['cpu_count']} cores; all targets met: **{'yes' if result['all_met'] else 'no'}**",
+             "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *adapter_rows(result)]
+    return "\n".join(lines)
+
+
+def model_table(result: dict) -> str:
+    settings, env, load = result["settings"], result["environment"], result["load_average"]
+    lines = [f"{settings['layers']}-layer LLaMA (hidden {settings['hidden']}, intermediate "
+             f"{settings['intermediate']}), all 7 projections adapted, {settings['batch']}×{settings['seq_len']} "
+             f"tokens, rank {settings['rank']}, {settings['dtype']}, {env['device_name']}, {result['clock']}, "
+             f"median of {settings['repeats']} interleaved rounds; load average {load['before'][0]} → "
+             f"{load['after'][0]} on {env['cpu_count']} cores",
+             "", "| arm | step ms | ×bare | ×LoRA |", "|---|---|---|---|"]
+    for arm in result["arms"]:
+        lines.append(f"| {arm['name']} | {arm['step_s'] * 1e3:.0f} | {arm['vs_bare']:.3f} | {arm['vs_lora']:.3f} |")
+    return "\n".join(lines)
+
+
+def render(results: list[dict]) -> dict[str, str]:
+    """{marker: markdown} for the README blocks the results fill."""
+    blocks: dict[str, list[str]] = {}
+    for result in results:
+        kind = result.get("kind", "adapters")
+        blocks.setdefault(kind, []).append(adapter_table(result) if kind == "adapters" else model_table(result))
+    return {kind: "\n\n".join(parts) for kind, parts in blocks.items()}
+
+
+def replace_blocks(text: str, blocks: dict[str, str]) -> str:
+    for kind, body in blocks.items():
+        pattern = re.compile(rf"(<!-- bench:{kind} -->\n)(?:.*?\n)?(<!-- /bench:{kind} -->)", re.S)
+        if not pattern.search(text):
+            raise ValueError(f"README has no <!-- bench:{kind} --> … <!-- /bench:{kind} --> block")
+        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+    return text
+
+
+def measured_results(folder: Path = MEASURED) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", nargs="*", type=Path, help="JSON files to snapshot (none: re-render)")
+    parser.add_argument("--snapshot", type=Path, default=MEASURED)
+    parser.add_argument("--readme", type=Path, default=Path("README.md"))
+    args = parser.parse_args(argv)
+    args.snapshot.mkdir(parents=True, exist_ok=True)
+    kinds = {json.loads(path.read_text()).get("kind", "adapters") for path in args.results}
+    for old in args.snapshot.glob("*.json"):  # a new run of a kind replaces all of that kind's old files
+        if json.loads(old.read_text()).get("kind", "adapters") in kinds:
+            old.unlink()
+    for path in args.results:
+        shutil.copyfile(path, args.snapshot / path.name)
+    blocks = render(measured_results(args.snapshot))
+    args.readme.write_text(replace_blocks(args.readme.read_text(), blocks))
+    print(f"{args.readme}: rewrote {', '.join(blocks)} from {args.snapshot}")
+
+
+if __name__ == "__main__":
+    main()

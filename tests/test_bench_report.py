@@ -1,0 +1,39 @@
+"""The README's benchmark tables are the rendering of the JSON in benchmarks/measured/ (one source)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks import report
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_tables_are_rendered_from_the_measured_json():
+    results = report.measured_results()
+    if not results:
+        pytest.skip("no benchmark results in benchmarks/measured/ yet")
+    text = README.read_text()
+    assert report.replace_blocks(text, report.render(results)) == text, \
+        "README's benchmark tables differ from benchmarks/measured/: python benchmarks/report.py"
+
+
+def test_every_measured_result_has_the_schema_the_tables_read():
+    for result in report.measured_results():
+        assert {"settings", "environment", "clock", "load_average"} <= set(result)
+        if result.get("kind", "adapters") == "adapters":
+            assert {"entries", "noise", "all_met", "targets"} <= set(result)
+            for e in result["entries"]:
+                assert {"shape", "tokens", "rank", "method", "step_s", "ratios", "verdicts",
+                        "flop_bound_vs_bare"} <= set(e)
+        else:
+            assert [a["name"] for a in result["arms"]][:2] == ["bare", "LoRA"]
+
+
+def test_replace_blocks_needs_the_markers():
+    with pytest.raises(ValueError, match="bench:adapters"):
+        report.replace_blocks("no markers here", {"adapters": "table"})
+    text = "a\n<!-- bench:model -->\nold\n<!-- /bench:model -->\nb"
+    assert report.replace_blocks(text, {"model": "new"}) == "a\n<!-- bench:model -->\nnew\n<!-- /bench:model -->\nb"

@@ -1,0 +1,116 @@
+"""The benchmark's yardstick and verdicts: the straightforward MoRA equals the library's operators
+(outputs, gradients, ΔW) at tiny shapes, divisible and not, and both of the library's rotation
+strategies (rotate the inputs for few tokens, rotate M for many) agree with it."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks import bench_adapters as bench
+from benchmarks.straightforward import StraightforwardMoRA
+from mora.layer import MoRAAdapter, MoRALinear
+from mora.operators import OPERATORS, _rotate_inputs
+
+# (k, d, r̂): divisible, k and d not multiples of r̂, d < r̂·n (truncated), d > r̂·n (tiled), k > d, one block
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SHAPES = [(32, 32, 8), (37, 53, 8), (53, 37, 6), (64, 24, 8), (16, 48, 8), (6, 12, 8), (100, 7, 2)]
+
+
+def layer_pair(k, d, r_hat, operator, dtype=torch.float64):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # r̂ > min(d, k) warns on purpose for some shapes
+        adapter = MoRAAdapter(k, d, r_hat, operator).to(dtype)
+    base = nn.Linear(k, d, bias=False).to(dtype).requires_grad_(False)
+    with torch.no_grad():
+        adapter.M.normal_(generator=torch.Generator().manual_seed(k + d))
+    layer = MoRALinear(base, adapter)
+    return layer, StraightforwardMoRA(layer)
+
+
+def tolerance(operator):
+    # the library's rotation tables are float32 buffers by design, the straightforward ones float64
+    return dict(rtol=1e-6, atol=1e-6) if operator == "rotate" else dict(rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("operator", OPERATORS)
+@pytest.mark.parametrize("k,d,r_hat", SHAPES)
+@pytest.mark.parametrize("tokens", [3, 40])  # below and above r̂: both rotation strategies
+def test_straightforward_equals_the_library(k, d, r_hat, operator, tokens):
+    if r_hat * r_hat > k * d:
+        pytest.skip("M larger than W is rejected by design")
+    layer, plain = layer_pair(k, d, r_hat, operator)
+    x = torch.randn(tokens, k, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(tokens, d, dtype=torch.float64)
+    grads = []
+    for module in (layer, plain):
+        x.grad = None
+        out = module(x)
+        M = module.mora.M if module is layer else module.M
+        grads.append((out, *torch.autograd.grad(out, (x, M), g)))
+    for mine, theirs in zip(*grads):
+        torch.testing.assert_close(mine, theirs, **tolerance(operator))
+    torch.testing.assert_close(layer.mora.delta_weight(), plain.delta_weight(), **tolerance(operator))
+
+
+def test_both_rotation_strategies_are_exercised():
+    layer, _ = layer_pair(37, 53, 8, "rotate")
+    assert _rotate_inputs(layer.mora.layout, 3) and not _rotate_inputs(layer.mora.layout, 40)
+
+
+def test_rotation_gradcheck_on_both_strategies():
+    layer, _ = layer_pair(21, 30, 6, "rotate")
+    M = layer.mora.M.detach().clone().requires_grad_(True)
+    for tokens in (2, 9):  # r̂ = 6: inputs rotated, then M rotated
+        x = torch.randn(tokens, 21, dtype=torch.float64, requires_grad=True)
+
+        def f(x, M):
+            from mora.operators import add_mora_update
+            return add_mora_update(layer.base_layer(x), x, M, layer.mora.layout, layer.mora.cos, layer.mora.sin)
+
+        assert torch.autograd.gradcheck(f, (x, M), eps=1e-6, atol=1e-6)
+
+
+def test_straightforward_refuses_layouts_it_does_not_cover():
+    adapter = MoRAAdapter(32, 32, 8, "share", "block", "block")
+    with pytest.raises(ValueError, match="cyclic"):
+        StraightforwardMoRA(MoRALinear(nn.Linear(32, 32), adapter))
+
+
+def fake_entry(method, step=1.0, delta=1.0, memory=100, shape="4->4", tokens=2, rank=8):
+    return dict(shape=shape, tokens=tokens, rank=rank, method=method, step_s=step, delta_weight_s=delta,
+                copy_s=1.0, memory={"saved_activation_bytes": memory})
+
+
+def test_verdicts_follow_the_targets():
+    entries = [fake_entry("bare"), fake_entry("bare-again", step=1.02), fake_entry("lora", memory=100),
+               fake_entry("rotate", step=0.99, delta=1.9, memory=105), fake_entry("rotate-sf", step=1.0, delta=2.0),
+               fake_entry("share", step=1.01, delta=0.5, memory=90), fake_entry("share-sf", step=1.0, delta=1.0),
+               fake_entry("decouple", step=0.9, delta=2.5, memory=106), fake_entry("decouple-sf", delta=3.0),
+               fake_entry("truncate", delta=1.2), fake_entry("truncate-sf", delta=1.0)]
+    for e in entries:
+        if e["method"].startswith("bare"):
+            del e["delta_weight_s"]
+    bench.add_ratios(entries, "cpu")
+    by = {e["method"]: e for e in entries}
+    assert all(v["met"] for v in by["rotate"]["verdicts"].values())
+    assert not by["share"]["verdicts"]["step_vs_straightforward"]["met"]
+    assert not by["decouple"]["verdicts"]["delta_weight_vs_copy"]["met"]          # 2.5 > 2× copy
+    assert not by["decouple"]["verdicts"]["memory_vs_lora"]["met"]                # 1.06 > LoRA + 5%
+    assert not by["truncate"]["verdicts"]["delta_weight_vs_straightforward"]["met"]
+    assert by["lora"]["verdicts"] == {} and by["rotate-sf"]["verdicts"] == {}
+    assert bench.verdict_cell(by["share"]) == "MISS step"
+    assert bench.noise_band(entries)["max_abs_deviation"] == pytest.approx(0.02)
+
+
+def test_flop_bound_matches_the_issue_formula():
+    k = d = 4096
+    share = bench.flop_bound("share", k, d, 8, 256)
+    assert share == pytest.approx(1 + (3 * 256 ** 2 + 2 * (k + d)) / (2 * d * k))
+    assert bench.flop_bound("rotate", k, d, 8, 256) > bench.flop_bound("decouple", k, d, 8, 256) > share
+    assert bench.flop_bound("rotate-sf", k, d, 8, 256) == bench.flop_bound("rotate", k, d, 8, 256)
+    assert bench.flop_bound("bare-again", k, d, 8, None) == 1.0
