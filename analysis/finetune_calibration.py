@@ -149,7 +149,8 @@ def load_calibration(root: str | Path, tasks: Sequence[str], presets: dict) -> d
     return arms
 
 
-def derived_grids(arms: dict[tuple[str, str, int | None], CalibrationArm], task: str) -> dict[str, dict[str, list[float]]]:
+def derived_grids(arms: dict[tuple[str, str, int | None], CalibrationArm],
+                  task: str) -> dict[str, dict[str, list[float]]]:
     """``lr_grid`` of ``task`` as the rule gives it: {"r8": {method: grid}, "r256": {...}}; an arm whose
     baseline optimum is not yet inside its ladder is left out."""
     grids: dict[str, dict[str, list[float]]] = {f"r{rank}": {} for rank in RANKS}
@@ -184,7 +185,7 @@ def calibration_markdown(arms: dict[tuple[str, str, int | None], CalibrationArm]
                      if key[0] == task]
         if not task_arms:
             continue
-        lines += [f"## {task}", ""]
+        lines += [f"#### {task}", ""]
         if epochs and task in epochs:
             lines += [epochs[task], ""]
         steps = sorted({s for a in task_arms for c in a.curves.values() for s in c})

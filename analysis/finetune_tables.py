@@ -401,7 +401,7 @@ def table7_markdown(runs: Sequence[FinetuneRun]) -> str:
 
 def lr_sweep_markdown(runs: Sequence[FinetuneRun]) -> str:
     """A learning-rate sweep: per task and arm, the primary score of every lr tried (mean ± std (n) over
-    completed seeds), the best in bold (``make finetune-lr-sweep``)."""
+    completed seeds), the best in bold (any sweep folder, e.g. one of ``make calibrate-finetune`` runs)."""
     out = ["## Fine-tuning learning-rate sweep", ""]
     for task in FINETUNE_TASKS:
         task_runs = [r for r in runs if r.task == task]

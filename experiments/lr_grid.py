@@ -59,13 +59,14 @@ if __name__ == "__main__":
         only = set(args[args.index("--only") + 1].split(",")) - {""} if "--only" in args else set()
         if "--only" in args:
             del args[args.index("--only"):args.index("--only") + 2]
-        keep = (lambda m: not only or m in only)
         if args[:1] == ["--methods"]:      # every method with a grid, space-separated (for shell loops)
-            print(" ".join(m for methods in methods_by_grid(args[1:]).values() for m in methods if keep(m)))
+            methods = [m for group in methods_by_grid(args[1:]).values() for m in group]
+            print(" ".join(m for m in methods if not only or m in only))
         elif args[:1] == ["--by-grid"]:
             for grid, methods in methods_by_grid(args[1:]).items():
-                if [m for m in methods if keep(m)]:
-                    print(f"{','.join(m for m in methods if keep(m))} {_fmt(grid)}")
+                kept = [m for m in methods if not only or m in only]
+                if kept:
+                    print(f"{','.join(kept)} {_fmt(grid)}")
         else:
             print(_fmt(lr_grid(args)))
     except ValueError as error:

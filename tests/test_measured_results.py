@@ -47,9 +47,14 @@ QUOTED = {
 
 
 
+FIRST_FINETUNE_MINI = "#### The first fine-tuning miniature"
+
+
 def finetuning_section() -> str:
+    """The calibrated fine-tuning results (the first miniature's table, kept below them, is checked apart)."""
     start = README.index("### Fine-tuning (Section 5.2")
-    return README[start:README.index("\n## ", start)]
+    end = min(README.index("\n## ", start), README.index(FIRST_FINETUNE_MINI, start))
+    return README[start:end]
 
 
 def finetuning_quotes() -> list[tuple[str, str]]:
@@ -57,8 +62,8 @@ def finetuning_quotes() -> list[tuple[str, str]]:
     ("mean ± std (3)": three seeds)."""
     table_lines = [line for line in finetuning_section().splitlines() if line.startswith("| ")]
     stats = re.findall(r"\d+\.\d+ ± \d+\.\d+", "\n".join(table_lines))
-    assert len(stats) >= 50, "the README's fine-tuning tables are missing"
-    return [(f"{stat} (3)", stat) for stat in stats]
+    assert len(stats) >= 15, "the README's fine-tuning tables are missing"
+    return [(f"{stat} (", stat) for stat in stats]   # "mean ± std (n)": n seeds as measured
 
 
 QUOTED["finetuning"] = finetuning_quotes()
@@ -104,6 +109,21 @@ def test_the_first_c4_miniature_table_is_what_its_runs_give():
                                      ("FFT", "0.003", "143.95 ± 8.64", "143.9 ± 8.6")):
         assert f"| {method} | " in rendered and f"| {lr} | {stat} (3) |" in rendered
         assert f"| {method} (first miniature) | {quoted} |" in README
+
+
+def test_the_first_finetune_miniature_table_is_what_its_runs_give():
+    """The README keeps the first fine-tuning miniature (100 steps of 8 on every task, one rate per arm chosen on
+    math; replaced by Amendment 6) as the row that shows what an out-of-regime miniature measures (Tülu at 10.5
+    epochs ranks over-fitting): its numbers must still be what tests/fixtures/finetune_first_mini gives."""
+    from analysis.finetune_tables import load_finetune_runs, table1_markdown
+
+    rendered = table1_markdown(load_finetune_runs(REPO / "tests" / "fixtures" / "finetune_first_mini"))
+    section = README[README.index(FIRST_FINETUNE_MINI):]
+    rows = [line for line in section.splitlines()[:20] if line.startswith("| ") and "±" in line]
+    assert len(rows) == 3, "the first miniature's table (one row per task) is missing"
+    for row in rows:
+        for stat in re.findall(r"\d+\.\d+ ± \d+\.\d+", row):
+            assert f"{stat} (3)" in rendered, stat
 
 
 def test_every_notebook_is_checked_against_the_snapshot():

@@ -192,10 +192,14 @@ def test_measured_rows_follow_the_run_folders(tmp_path):
 def test_a_step_zero_evaluation_is_what_the_base_can_do(tmp_path):
     root = copy_runs(tmp_path, "metamath", ["fft-lr0.003-s0"])
     rewrite_metrics(root / "metamath" / "mini" / "fft-lr0.003-s0",
-                    lambda lines: [{"step": 0, "time": 0.0, "eval/response_nll": 5.5}, *lines])
+                    lambda lines: [{"step": 0, "time": 0.0, "eval/response_nll": 5.5}, *(m for m in lines if m["step"])])
     cfg = regime.finetune_cfg("metamath", "mini")
     assert regime.base_row("metamath", cfg, root).mini == "eval/response_nll 5.5"
-    assert regime.base_row("metamath", cfg, MEASURED).mini.startswith("not measured")
+    # the calibrated presets evaluate at step 0 (train.eval_steps: [0, ...]): every measured run scored the base
+    assert regime.base_row("metamath", cfg, MEASURED).mini.startswith("eval/response_nll 4.95")
+    rewrite_metrics(root / "metamath" / "mini" / "fft-lr0.003-s0", lambda lines: [m for m in lines if m["step"]])
+    regime.mini_records.cache_clear()
+    assert regime.base_row("metamath", cfg, root).mini.startswith("not measured")
 
 
 # ------------------------------------------------------------------ the generated copies and the CLI
