@@ -33,8 +33,11 @@ def test_without_a_gpu_it_stops_in_one_line_with_a_nonzero_exit(tmp_path):
 
 
 def test_the_make_target_runs_the_script():
-    recipe = subprocess.run(["make", "-n", "gpu-check"], cwd=REPO, capture_output=True,
-                            text=True, timeout=60).stdout.strip().splitlines()[-1]
+    # Under a parent make (CI runs the suite from `make test`) MAKEFLAGS carries -w, which adds
+    # "make[1]: Leaving directory" lines; a clean environment and --no-print-directory keep only the recipe.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    recipe = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=60).stdout.strip().splitlines()[-1]
     assert recipe.endswith("bin/python experiments/gpu_check.py")
 
 
