@@ -29,8 +29,8 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 from experiments.data.offline import OfflineDataError  # noqa: E402
 from experiments.models.loading import build_llama_from_config, load_model, model_skeleton  # noqa: E402
 from experiments.loop.checkpoint import CHECKPOINT, check_checkpoint, load_checkpoint  # noqa: E402
-from experiments.loop.records import (CONFIG, RunRecord, check_run_folder, config_differences,  # noqa: E402
-                                      process_rank)
+from experiments.loop.records import (CONFIG, RunRecord, check_not_being_written, check_run_folder,  # noqa: E402
+                                      config_differences, process_rank)
 from experiments.schema import RunConfig, build_run_config  # noqa: E402
 from experiments.loop.trackers import make_tracker  # noqa: E402
 from experiments.loop.training import DivergedError, train  # noqa: E402
@@ -139,6 +139,7 @@ def check_before_loading(run: RunConfig, config: dict) -> None:
     launcher's sharding is one this run supports, the run folder can be written (or resumed), the
     checkpoint to resume is readable, and the adapter's module names exist in the model's skeleton."""
     check_launch(run, os.environ)
+    check_not_being_written(run.out_dir)
     check_run_folder(run.out_dir, config, resume=run.resume, ignore_on_resume=RESUMABLE_KEYS)
     if run.resume and (run.out_dir / CHECKPOINT).exists():
         check_checkpoint(run.out_dir / CHECKPOINT)

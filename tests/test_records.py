@@ -2,15 +2,19 @@
 
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 import yaml
 
 from experiments.files import atomic_torch_save, atomic_write_bytes
-from experiments.loop.records import (RunRecord, find_runs, git_state,
-                                 read_run)
+from experiments.loop.records import (WRITER_LOCK, RunRecord, check_not_being_written, find_runs, git_state,
+                                      read_run)
+from tests.test_configs import REPO
 
 CONFIG = {"method": {"name": "mora", "operator": "share"}, "rank": 8, "lr": 3e-4, "resume": False,
           "logger": "none", "tags": ["a", "b"]}
@@ -130,3 +134,41 @@ def test_environment_git_sha(tmp_path, monkeypatch):
     assert set(env["versions"]) >= {"python", "torch", "transformers", "peft", "wandb", "hydra-core", "lm-eval"}
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # tmp_path is not a checkout
     assert git_state(tmp_path) == (None, None)
+
+
+def test_a_second_writer_is_refused_while_the_first_lives(tmp_path):
+    """A make target started twice took a live run for an interrupted one and appended to its metrics;
+    the writer lock refuses the second process instead, and lets go when the first ends."""
+    run_dir = tmp_path / "run"
+    first = RunRecord.create(run_dir, CONFIG, resume=False)
+    first.log(1, loss=1.0)
+    other = subprocess.run([sys.executable, "-c", (
+        "import sys; from experiments.loop.records import RunRecord, check_not_being_written\n"
+        f"for attempt in (lambda: check_not_being_written({str(run_dir)!r}),\n"
+        f"                lambda: RunRecord.create({str(run_dir)!r}, {CONFIG!r}, resume=True)):\n"
+        "    try: attempt(); print('passed')\n"
+        "    except BlockingIOError as err: print('refused:', err)\n")],
+        capture_output=True, text=True, timeout=120, cwd=REPO)
+    lines = other.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(f"refused: {run_dir} is being written by another live process (pid "
+                                   f"{os.getpid()})" in line for line in lines), other.stdout + other.stderr
+    assert [m["step"] for m in read_run(run_dir)["metrics"]] == [1]  # the refused writer touched nothing
+    first.write_summary({"status": "completed"})  # the run's end lets the folder go
+    check_not_being_written(run_dir)
+    resumed = RunRecord.create(run_dir, CONFIG, resume=True)
+    assert (run_dir / WRITER_LOCK).exists()
+    resumed.close()
+
+
+def test_a_dead_writers_folder_resumes(tmp_path):
+    """A killed run leaves its lock file, but not the lock: the kernel drops it with the process."""
+    run_dir = tmp_path / "run"
+    script = (f"from experiments.loop.records import RunRecord\n"
+              f"r = RunRecord.create({str(run_dir)!r}, {CONFIG!r}, resume=False); r.log(1, loss=1.0)\n"
+              "import os; os._exit(9)  # no summary, no close: as if killed\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 9, done.stderr
+    record = RunRecord.create(run_dir, CONFIG, resume=True)
+    record.log(2, loss=0.5)
+    record.write_summary({"status": "completed"})
+    assert [m["step"] for m in read_run(run_dir)["metrics"]] == [1, 2]

@@ -8,7 +8,11 @@ A run folder holds
   appends its own environment under ``"resumes"``;
 - ``metrics.jsonl``: one ``{"step", "time", ...}`` object per line, fsynced as it is written;
 - ``summary.json``: written once at the end (``status`` and whatever the caller reports); absent
-  while the run is in progress or if it died without a word.
+  while the run is in progress or if it died without a word;
+- ``.writer.lock``: held (``flock``) by the one process writing the folder, so a second process (a
+  ``make`` target started twice, whose ``skip_completed`` would take the live run for an interrupted one)
+  is refused instead of appending to the same metrics; the kernel drops the lock when the writer dies,
+  so an interrupted run can be resumed at once.
 
 Under a distributed launcher (torchrun, ``accelerate launch``) every process builds a
 :class:`RunRecord`, but only global rank 0 writes the folder (:func:`process_rank`); the others get
@@ -22,6 +26,7 @@ fsync, ``os.replace``), so a crash leaves either the old file or the new one, ne
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -40,6 +45,7 @@ from experiments.files import atomic_write_text
 from experiments.paths import REPO_ROOT
 
 CONFIG, ENVIRONMENT, METRICS, SUMMARY = "config.yaml", "environment.json", "metrics.jsonl", "summary.json"
+WRITER_LOCK = ".writer.lock"
 STATUSES = ("completed", "failed", "diverged")
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "wandb", "hydra-core", "lm-eval")
 _MISSING = object()
@@ -57,6 +63,16 @@ class RunRecord:
         self.writer = writer  # False on ranks other than 0: log/truncate/summary write nothing
         self._elapsed_before = 0.0
         self._started = time.monotonic()
+        self._lock: int | None = None  # the writer lock's descriptor while this record holds it
+
+    def close(self) -> None:
+        """Release the folder's writer lock: done by :meth:`write_summary`, the record's end, by garbage
+        collection and by the end of the process, whichever comes first."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    __del__ = close
 
     @classmethod
     def create(cls, run_dir: str | Path, config: dict, *, resume: bool,
@@ -69,17 +85,24 @@ class RunRecord:
         and rewrites ``config.yaml`` so it shows the ignored keys' new values. ``environment`` adds
         entries to this session's ``environment.json``.
         A fresh start refuses a folder that already holds a run rather than overwrite it
-        (:func:`check_run_folder`). On a rank other than 0 nothing is checked or written (rank 0
+        (:func:`check_run_folder`); any start refuses a folder another live process writes (the record
+        holds ``WRITER_LOCK`` until :meth:`write_summary`). On a rank other than 0 nothing is checked or written (rank 0
         does both).
         """
         run_dir = Path(run_dir)
         if process_rank() != 0:
             return cls(run_dir, writer=False)
-        resuming = check_run_folder(run_dir, config, resume=resume, ignore_on_resume=ignore_on_resume)
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / CONFIG, yaml.safe_dump(config, sort_keys=False))
-        _write_environment(run_dir, resuming, environment or {})
+        lock = _take_writer_lock(run_dir)  # before the checks below, so no second writer passes them meanwhile
+        try:
+            resuming = check_run_folder(run_dir, config, resume=resume, ignore_on_resume=ignore_on_resume)
+            atomic_write_text(run_dir / CONFIG, yaml.safe_dump(config, sort_keys=False))
+            _write_environment(run_dir, resuming, environment or {})
+        except BaseException:
+            os.close(lock)
+            raise
         record = cls(run_dir)
+        record._lock = lock
         if resuming:
             record._keep_metrics(float("inf"))  # drops a torn last line before we append after it
         else:
@@ -133,6 +156,7 @@ class RunRecord:
         if not self.writer:
             return full
         atomic_write_text(self.dir / SUMMARY, json.dumps(full, indent=2, default=_scalar) + "\n")
+        self.close()  # the summary is a run's last word
         return full
 
 
@@ -305,6 +329,30 @@ def check_run_folder(run_dir: str | Path, config: dict, *, resume: bool,
         raise PermissionError(f"cannot make the run folder {run_dir}: {existing} is not writable "
                               f"({err.strerror}); choose another out_dir or out_root") from err
     return resuming
+
+
+def _take_writer_lock(run_dir: Path) -> int:
+    """The descriptor of ``run_dir``'s writer lock, taken without waiting; raises BlockingIOError naming
+    the process that holds it."""
+    fd = os.open(run_dir / WRITER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise BlockingIOError(f"{run_dir} is being written by another live process (pid {holder}); wait for it "
+                              "to end or stop it, then rerun (an interrupted run resumes)") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def check_not_being_written(run_dir: str | Path) -> None:
+    """Raise BlockingIOError when a live process holds ``run_dir``'s writer lock (see the module's
+    docstring); a folder without one, or whose writer died, passes. Leaves no file behind."""
+    path = Path(run_dir) / WRITER_LOCK
+    if process_rank() == 0 and path.exists():
+        os.close(_take_writer_lock(Path(run_dir)))
 
 
 def _check_resumable(run_dir: Path, config: dict, ignore: tuple[str, ...]) -> None:
