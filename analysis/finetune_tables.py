@@ -399,6 +399,52 @@ def table7_markdown(runs: Sequence[FinetuneRun]) -> str:
     return _appendix_c_markdown(runs, "finance", "Table 7 — finance", PAPER_TABLE7_COLUMNS, PAPER_TABLE7)
 
 
+def _by_rank_cell(cell: Cell | None, metric: Metric) -> str:
+    """``2.256 ± 0.021, lr 0.001`` (three seeds), ``2.337 (1 seed), lr 0.003`` (fewer), ``—`` (not run)."""
+    if cell is None or cell.stats.get(metric) is None or cell.stats[metric].n == 0:
+        return "—"
+    stat, digits = cell.stats[metric], 1 if metric.percent else 3
+    value = f"{stat.mean:.{digits}f}" + ("" if math.isnan(stat.std) else f" ± {stat.std:.{digits}f}")
+    seeds = "" if stat.n == 3 else f" ({stat.n} seed{'s' if stat.n > 1 else ''})"
+    return f"{value}{seeds}, lr {cell.lr:g}"
+
+
+def by_rank_markdown(runs: Sequence[FinetuneRun], task: str) -> str:
+    """One task's Table 1 as the README shows it: a row per method, each metric at r = 8 beside r = 256, every
+    cell with the rate :data:`FINETUNE_SELECTION_RULE` chose (mean ± std over 3 seeds, else the seed count)."""
+    task_runs = [r for r in runs if r.task == task]
+    cells, metrics = cells_by_arm(task_runs, task), present_metrics(task, task_runs)
+    if not cells or not metrics:
+        raise ValueError(f"no completed {task} run with lm-eval scores")
+    header = ["method"] + [f"{m.label.rstrip(' ↑↓')} r = {rank}" for m in metrics for rank in TABLE1_RANKS]
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    fft = ArmKey("fft", None, None)
+    if fft in cells:
+        out.append("| " + " | ".join(["FFT (full rank, no r)"] + [
+            _by_rank_cell(cells[fft], m) if rank == TABLE1_RANKS[0] else "–" for m in metrics for rank in TABLE1_RANKS])
+            + " |")
+    for method in TABLE1_METHODS:
+        arms = {rank: ArmKey(method, TABLE1_OPERATORS.get((method, rank)), rank) for rank in TABLE1_RANKS}
+        if any(arm in cells for arm in arms.values()):
+            out.append("| " + " | ".join([method_label(arms[TABLE1_RANKS[0]])] + [
+                _by_rank_cell(cells.get(arms[rank]), m) for m in metrics for rank in TABLE1_RANKS]) + " |")
+    return "\n".join(out) + "\n"
+
+
+def table1_by_rank_markdown(runs: Sequence[FinetuneRun]) -> str:
+    """:func:`by_rank_markdown` for every task the runs have (the README's fine-tuning tables)."""
+    tasks = [t for t in FINETUNE_TASKS if any(r.task == t and r.status == "completed" for r in runs)]
+    if not tasks:
+        raise ValueError("no completed fine-tuning runs")
+    out = ["## Table 1 by rank (each cell at its chosen learning rate)", ""]
+    for task in tasks:
+        try:
+            out += [f"### {task}", "", by_rank_markdown(runs, task)]
+        except ValueError as err:
+            out += [f"### {task}: {err}", ""]
+    return "\n".join(out)
+
+
 def lr_sweep_markdown(runs: Sequence[FinetuneRun]) -> str:
     """A learning-rate sweep: per task and arm, the primary score of every lr tried (mean ± std (n) over
     completed seeds), the best in bold (any sweep folder, e.g. one of ``make calibrate-finetune`` runs)."""
@@ -490,7 +536,7 @@ def plot_table1(runs: Sequence[FinetuneRun], out_path: str | Path | None = None)
     return fig
 
 
-REPORTS = {"table1.md": table1_markdown, "table4.md": table4_markdown, "table6.md": table6_markdown,
+REPORTS = {"table1.md": table1_markdown, "table1_by_rank.md": table1_by_rank_markdown, "table4.md": table4_markdown, "table6.md": table6_markdown,
            "table7.md": table7_markdown}
 
 

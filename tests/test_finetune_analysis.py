@@ -135,6 +135,18 @@ def test_table6_and_missing_table7(runs):
         table7_markdown(runs)
 
 
+def test_by_rank_table_puts_the_ranks_side_by_side_with_the_chosen_rate(runs):
+    from analysis.finetune_tables import by_rank_markdown
+
+    text = by_rank_markdown(runs, "metamath")
+    assert text.splitlines()[0].startswith("| method | GSM8K answer NLL (nats/token) r = 8 | GSM8K answer NLL (nats/token) "
+                                           "r = 256 |")
+    assert "| LoRA | 2.650 ± 0.071 (2 seeds), lr " in text   # two seeds: the count is said, three are the norm
+    assert next(r for r in rows(text) if r.startswith("| FFT ")).startswith("| FFT (full rank, no r) | 2.050 ± 0.071 ")
+    with pytest.raises(ValueError, match="no completed finance run"):
+        by_rank_markdown(runs, "finance")
+
+
 def test_lr_sweep_marks_the_chosen_rate(runs):
     text = lr_sweep_markdown([r for r in runs if r.task == "metamath"])
     lora = next(r for r in rows(text) if r.startswith("| LoRA | 8 |"))
@@ -145,7 +157,8 @@ def test_lr_sweep_marks_the_chosen_rate(runs):
 def test_cli_writes_the_supported_tables_and_fails_without_runs(root, tmp_path, capsys):
     out = tmp_path / "out"
     assert cli_main(["finetune", "--runs", str(root), "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["table1.md", "table1.pdf", "table1.png", "table4.md", "table6.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["table1.md", "table1.pdf", "table1.png", "table1_by_rank.md",
+                                                     "table4.md", "table6.md"]
     assert "table7.md: Table 7" in capsys.readouterr().err
     assert cli_main(["finetune", "--runs", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 1
     assert cli_main(["finetune", "--runs", str(root), "--out", str(tmp_path / "y"), "--where", "seed=7"]) == 1
@@ -158,7 +171,8 @@ def test_report_draws_table1_as_png_and_pdf(runs, tmp_path):
     from analysis.finetune_tables import write_finetune_report
 
     written, skipped = write_finetune_report(runs, tmp_path)
-    assert {p.name for p in written} == {"table1.md", "table4.md", "table6.md", "table1.png", "table1.pdf"}
+    assert {p.name for p in written} == {"table1.md", "table1_by_rank.md", "table4.md", "table6.md", "table1.png",
+                                         "table1.pdf"}
     assert all(p.stat().st_size > 1000 for p in written if p.suffix in (".png", ".pdf"))
     assert [s.split(":")[0] for s in skipped] == ["table7.md"]
 

@@ -69,6 +69,16 @@ def finetuning_quotes() -> list[tuple[str, str]]:
 QUOTED["finetuning"] = finetuning_quotes()
 
 
+@pytest.mark.parametrize("task", ["metamath", "tulu", "biomed"])
+def test_the_readme_finetuning_tables_are_what_the_saved_runs_give(task):
+    """Each task's table in the README (method × metric × rank, chosen rate per cell) is, verbatim, what
+    analysis.finetune_tables.by_rank_markdown renders from tests/fixtures/measured."""
+    from analysis.finetune_tables import by_rank_markdown, load_finetune_runs
+
+    rendered = by_rank_markdown(load_finetune_runs(MEASURED), task)
+    assert rendered in finetuning_section(), f"the README's {task} table differs from the saved runs':\n{rendered}"
+
+
 @pytest.mark.parametrize("notebook", sorted(QUOTED))
 def test_notebook_rerenders_the_readme_numbers_from_the_saved_runs(notebook):
     outputs = execute_notebook(REPO / "notebooks" / f"{notebook}.ipynb", MEASURED, timeout=300)
