@@ -139,8 +139,8 @@ def test_by_rank_table_puts_the_ranks_side_by_side_with_the_chosen_rate(runs):
     from analysis.finetune_tables import by_rank_markdown
 
     text = by_rank_markdown(runs, "metamath")
-    assert text.splitlines()[0].startswith("| method | GSM8K answer NLL (nats/token) r = 8 | GSM8K answer NLL (nats/token) "
-                                           "r = 256 |")
+    assert text.splitlines()[0].startswith("| method | GSM8K answer NLL (nats/token) r = 8 | "
+                                           "GSM8K answer NLL (nats/token) r = 256 |")
     assert "| LoRA | 2.650 ± 0.071 (2 seeds), lr " in text   # two seeds: the count is said, three are the norm
     assert next(r for r in rows(text) if r.startswith("| FFT ")).startswith("| FFT (full rank, no r) | 2.050 ± 0.071 ")
     with pytest.raises(ValueError, match="no completed finance run"):
