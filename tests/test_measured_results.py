@@ -147,3 +147,17 @@ def test_the_claims_table_quotes_only_measured_numbers():
     section = finetuning_section()
     for number in re.findall(r"\b\d\.\d{3}\b", claims):
         assert number in section, f"claims table quotes {number}, which the fine-tuning results do not show"
+
+
+def test_every_saved_run_was_written_by_one_process():
+    """Steps increase strictly in every saved metrics file: two processes writing one folder (before the
+    writer lock, a make target started twice did) interleave their lines, and a resumed run truncates its
+    metrics to the checkpoint it continued from."""
+    import json
+
+    interleaved = []
+    for metrics in sorted((REPO / "tests" / "fixtures").rglob("metrics.jsonl")):
+        steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip()]
+        if any(later <= earlier for earlier, later in zip(steps, steps[1:])):
+            interleaved.append(str(metrics.parent.relative_to(REPO)))
+    assert not interleaved, f"steps repeat or go back in: {interleaved}"
