@@ -149,6 +149,14 @@ def test_the_claims_table_quotes_only_measured_numbers():
         assert number in section, f"claims table quotes {number}, which the fine-tuning results do not show"
 
 
+def test_the_readme_table4_is_what_the_saved_runs_give():
+    from analysis.finetune_tables import load_finetune_runs, table4_markdown
+
+    rendered = table4_markdown(load_finetune_runs(MEASURED)).splitlines()
+    rows = [line for line in rendered if line.startswith("|")]
+    assert len(rows) == 6 and "\n".join(rows) in finetuning_section()
+
+
 def test_every_saved_run_was_written_by_one_process():
     """Steps increase strictly in every saved metrics file: two processes writing one folder (before the
     writer lock, a make target started twice did) interleave their lines, and a resumed run truncates its
