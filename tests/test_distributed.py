@@ -60,7 +60,7 @@ def test_two_processes_ran_and_rank_0_alone_wrote_the_run(two_process_run):
     assert [m["step"] for m in run["metrics"]] == [1, 2, 3, 4]  # once each: rank 1 logged nothing
     assert all(math.isfinite(m["loss"]) for m in run["metrics"])
     names = sorted(p.name for p in run["dir"].iterdir())
-    assert names == sorted(["config.yaml", "environment.json", "metrics.jsonl", "summary.json", CHECKPOINT])
+    assert names == sorted([".writer.lock", "config.yaml", "environment.json", "metrics.jsonl", "summary.json", CHECKPOINT])
 
 
 def test_both_ranks_end_with_identical_parameters(two_process_run):
