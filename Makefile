@@ -132,6 +132,23 @@ fig4 table3 fig5 pretrain: $(STAMP)
 	for m in $(C4_ADAPTERS); do $(PRETRAIN) method=$$m lr=$(call C4_BEST_LR,$$m,--rank 128) seed=$(C4_SEEDS) || exit 1; done
 	$(PRETRAIN_REPORT)
 
+## beyond the paper (issue 12, item 4, for C4; docs/calibration.md, Amendment 7): FFT, LoRA and MoRA at other step
+## budgets (1,000 = Table 3's runs), i.e. other training tokens per parameter, each at its Table 3 rate (analysis
+## best-lr), warm-up 10% and evaluations every 10% of the budget, seeds 0 and C4_SEEDS;
+## results/c4_tokens_sweep/steps<S>/, reports/pretrain/c4_tokens_sweep.{md,png}
+C4_SWEEP_STEPS ?= 250 500 2000
+C4_SWEEP_ARMS  := fft lora mora
+c4-tokens-sweep: table3
+	for s in $(C4_SWEEP_STEPS); do \
+	  evals=$$(seq -s, $$((s / 10)) $$((s / 10)) $$s); \
+	  opts="train.max_steps=$$s train.warmup_steps=$$((s / 10)) train.ckpt_every=$$((s / 5)) train.eval_steps=[$$evals]"; \
+	  for m in $(C4_SWEEP_ARMS); do \
+	    lr=$(call C4_BEST_LR,$$m,$$([ $$m = fft ] || echo --rank 128)) || exit 1; \
+	    $(PRETRAIN) method=$$m lr=$$lr $$opts seed=0,$(C4_SEEDS) out_root=results/c4_tokens_sweep/steps$$s || exit 1; \
+	  done; \
+	done
+	$(PY) -m analysis c4-tokens --runs results/runs results/c4_tokens_sweep --out reports/pretrain
+
 ## C4 calibration (docs/calibration.md, Amendment 5): FFT and LoRA only, seed 0, on the x2 ladder of learning
 ## rates, into results/runs/ (Table 3 reuses them); reports/calibration_c4/c4_calibration.md
 CAL_C4_LR ?= 5e-4,1e-3,2e-3,4e-3,8e-3

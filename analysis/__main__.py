@@ -1,10 +1,11 @@
-"""``python -m analysis uuid|pretrain|finetune|regime|calibrate-uuid|uuid-pairs|c4-diagnosis|c4-calibration|finetune-calibration|best-lr|figures --runs results/runs --out reports/<name>``: the paper's figures and tables.
+"""``python -m analysis uuid|pretrain|finetune|regime|calibrate-uuid|uuid-pairs|c4-tokens|c4-diagnosis|c4-calibration|finetune-calibration|best-lr|figures --runs results/runs --out reports/<name>``: the paper's figures and tables.
 
 ``uuid``: Fig. 2, Fig. 3 and Table 2 (UUID memorisation). ``pretrain``: Fig. 4, Table 3 and Fig. 5
 (C4 pretraining). ``finetune``: Tables 1, 4, 6 and 7 (fine-tuning, lm-eval scores). ``regime``: whether
 each `mini` experiment is in the paper's regime (presets, models and run folders). ``calibrate-uuid``: the
 UUID calibration rule of docs/calibration.md applied to the FFT and LoRA calibration runs. ``uuid-pairs``: UUID
-accuracy and the MoRA − LoRA gap as the number of pairs grows. ``c4-diagnosis``: why LoRA ends below FFT in
+accuracy and the MoRA − LoRA gap as the number of pairs grows. ``c4-tokens``: C4 perplexity and the MoRA − LoRA
+gap as the training tokens per parameter grow. ``c4-diagnosis``: why LoRA ends below FFT in
 the first `mini` C4 preset (baselines under a finer lr grid, longer training, frozen embeddings).
 ``c4-calibration``: the C4 calibration rule (Amendment 5) applied to the FFT and LoRA runs of the current preset.
 ``finetune-calibration``: the fine-tuning calibration rule (Amendment 6) on the FFT and LoRA runs of the current presets.
@@ -27,6 +28,7 @@ from analysis.c4_calibration import write_calibration_report as write_c4_calibra
 from analysis.finetune_calibration import finetune_best_lr, write_calibration_report as write_finetune_calibration_report
 from analysis.c4_diagnosis import preset_train_tokens, write_diagnosis_report
 from analysis.calibration import write_calibration_report
+from analysis.c4_tokens_sweep import write_sweep_report as write_c4_tokens_report
 from analysis.pairs_sweep import write_sweep_report
 from analysis.pretrain_figures import (FIG5_THRESHOLD, choose_pretrain_lr, group_pretrain_runs, load_pretrain_runs,
                                       lr_sweep_markdown, write_pretrain_report)
@@ -92,6 +94,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sweep_pairs.add_argument("--runs", type=Path, nargs="+", default=[Path("results/runs"), Path("results/pairs_sweep")],
                              help="results roots, read together (default: %(default)s)")
     sweep_pairs.add_argument("--out", type=Path, default=Path("reports/uuid"), help="output folder (default: %(default)s)")
+    c4_tokens = sub.add_parser("c4-tokens", help="C4 perplexity and the MoRA - LoRA gap vs training tokens per "
+                               "parameter: c4_tokens_sweep.{md,png,pdf}")
+    c4_tokens.add_argument("--runs", type=Path, nargs="+", default=[Path("results/runs"), Path("results/c4_tokens_sweep")],
+                           help="results roots, read together (default: %(default)s)")
+    c4_tokens.add_argument("--out", type=Path, default=Path("reports/pretrain"), help="output folder (default: %(default)s)")
     diagnosis = sub.add_parser("c4-diagnosis", help="why LoRA ends below FFT in mini C4 pretraining: c4_diagnosis.md")
     diagnosis.add_argument("--runs", type=Path, default=Path("results/c4_diagnosis"),
                            help="diagnosis root (default: %(default)s)")
@@ -259,18 +266,27 @@ def calibrate_uuid_report(args: argparse.Namespace) -> int:
 
 def uuid_pairs_report(args: argparse.Namespace) -> int:
     """Write the pairs sweep (table and figure) from every root given; 1 if there are no runs."""
+    return _sweep_report(args, write_sweep_report, "uuid")
+
+
+def c4_tokens_report(args: argparse.Namespace) -> int:
+    """Write the C4 tokens-per-parameter sweep (table and figure) from every root given; 1 if there are no runs."""
+    return _sweep_report(args, write_c4_tokens_report, "c4")
+
+
+def _sweep_report(args: argparse.Namespace, write: Callable[[list[Path], Path], list[Path]], task: str) -> int:
     start = time.perf_counter()
     roots = [root for root in args.runs if root.is_dir()]
     if not roots:
         print(f"error: no runs: none of {', '.join(map(str, args.runs))} is a folder", file=sys.stderr)
         return 1
     try:
-        written = write_sweep_report(roots, args.out)
+        written = write(roots, args.out)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(written[0].read_text())
-    return _report_results(written, [], sum(len(find_runs(r, **{"task.name": "uuid"})) for r in roots), start)
+    return _report_results(written, [], sum(len(find_runs(r, **{"task.name": task})) for r in roots), start)
 
 
 def c4_diagnosis_report(args: argparse.Namespace) -> int:
@@ -329,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     return {"uuid": uuid_report, "pretrain": pretrain_report, "pretrain-lr": pretrain_lr_report,
             "finetune": finetune_report, "finetune-lr": finetune_lr_report, "regime": regime_report,
             "calibrate-uuid": calibrate_uuid_report, "figures": figures_report, "uuid-pairs": uuid_pairs_report,
+            "c4-tokens": c4_tokens_report,
             "c4-diagnosis": c4_diagnosis_report, "c4-calibration": c4_calibration_report,
             "finetune-calibration": finetune_calibration_report,
             "best-lr": best_lr_report}[args.report](args)

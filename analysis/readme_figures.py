@@ -1,7 +1,8 @@
 """The figures the README shows, drawn from one results root into ``docs/figures/`` (``make figures``).
 
 ``python -m analysis figures --runs tests/fixtures/measured --out docs/figures`` draws Fig. 2, Fig. 3,
-Fig. 4, Fig. 5, the Table 1 bars and the UUID pairs sweep (its runs beside the root, in ``pairs_sweep/``) with the report modules' own plotting functions, under the fixed
+Fig. 4, Fig. 5, the Table 1 bars, the UUID pairs sweep and the C4 tokens sweep (their runs beside the root, in
+``pairs_sweep/`` and ``c4_tokens_sweep/``) with the report modules' own plotting functions, under the fixed
 file names of :data:`README_FIGURES`, as PNG only (:func:`analysis.plotting.save_png`: fixed dpi, no
 version stamp), so drawing unchanged runs again gives the same file. ``tests/test_figures.py`` redraws
 them from ``tests/fixtures/measured/`` and fails when a committed one is stale.
@@ -14,6 +15,7 @@ from typing import Callable, NamedTuple, Sequence
 
 from matplotlib.figure import Figure
 
+from analysis.c4_tokens_sweep import load_budgets, plot_budgets, model_size
 from analysis.finetune_tables import load_finetune_runs, plot_table1
 from analysis.pairs_sweep import load_sweep, plot_sweep
 from analysis.plotting import save_png
@@ -29,6 +31,8 @@ LOADERS: dict[str, Callable[[Path], Sequence]] = {
     # the pairs sweep's own runs sit beside the runs root (results/pairs_sweep beside results/runs,
     # tests/fixtures/pairs_sweep beside tests/fixtures/measured); the preset's N is Table 2's runs
     "uuid_pairs": lambda root: load_sweep([root, root.parent / "pairs_sweep"]),
+    # likewise the C4 tokens sweep's (results/c4_tokens_sweep, tests/fixtures/c4_tokens_sweep); 1,000 steps is Table 3's
+    "c4_tokens": lambda root: load_budgets([root, root.parent / "c4_tokens_sweep"]),
 }
 
 
@@ -45,6 +49,7 @@ README_FIGURES: dict[str, ReadmeFigure] = {
     "fig5_singular_values": ReadmeFigure("c4", plot_fig5),
     "table1_bars": ReadmeFigure("finetune", plot_table1),
     "uuid_pairs_sweep": ReadmeFigure("uuid_pairs", plot_sweep),
+    "c4_tokens_sweep": ReadmeFigure("c4_tokens", lambda budgets: plot_budgets(budgets, model_size()[0])),
 }
 
 
