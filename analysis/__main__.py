@@ -266,15 +266,15 @@ def calibrate_uuid_report(args: argparse.Namespace) -> int:
 
 def uuid_pairs_report(args: argparse.Namespace) -> int:
     """Write the pairs sweep (table and figure) from every root given; 1 if there are no runs."""
-    return _sweep_report(args, write_sweep_report, "uuid")
+    return _multi_root_report(args, write_sweep_report, "uuid")
 
 
 def c4_tokens_report(args: argparse.Namespace) -> int:
     """Write the C4 tokens-per-parameter sweep (table and figure) from every root given; 1 if there are no runs."""
-    return _sweep_report(args, write_c4_tokens_report, "c4")
+    return _multi_root_report(args, write_c4_tokens_report, "c4")
 
 
-def _sweep_report(args: argparse.Namespace, write: Callable[[list[Path], Path], list[Path]], task: str) -> int:
+def _multi_root_report(args: argparse.Namespace, write: Callable[[list[Path], Path], list[Path]], task: str) -> int:
     start = time.perf_counter()
     roots = [root for root in args.runs if root.is_dir()]
     if not roots:
