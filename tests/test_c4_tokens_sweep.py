@@ -77,3 +77,19 @@ def test_one_budget_with_two_batch_sizes_is_refused(tmp_path):
 def test_no_runs_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no C4 runs"):
         sweep_markdown(load_budgets([tmp_path]), PARAMETERS, EPOCH_TOKENS)
+
+
+def test_readme_shows_what_the_saved_sweep_runs_give():
+    """The README's tokens-sweep table is the rendering of tests/fixtures/measured (Table 3's 1,000 steps) and
+    tests/fixtures/c4_tokens_sweep (the other budgets), counted on the preset's model and corpus."""
+    from pathlib import Path
+
+    from analysis.c4_tokens_sweep import model_size
+
+    repo = Path(__file__).resolve().parents[1]
+    fixtures = repo / "tests" / "fixtures"
+    text = sweep_markdown(load_budgets([fixtures / "measured", fixtures / "c4_tokens_sweep"]), *model_size())
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 4 and all(row.endswith("| 3/3/3 |") for row in rows)
+    readme = (repo / "README.md").read_text()
+    assert all(row in readme for row in rows)
