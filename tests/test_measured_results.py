@@ -18,6 +18,9 @@ README = (REPO / "README.md").read_text()
 # notebook → [(text the notebook renders from the snapshot, the same number as the README quotes it)]
 QUOTED = {
     "uuid_memorization": [
+        # the pairs sweep (its runs in tests/fixtures/pairs_sweep, beside the snapshot)
+        ("| 80 | 24 | 300 (900) | 100.0 ± 0.0 (3) | 34.5 ± 3.6 (3) | 99.8 ± 0.0 (3) | 65.3 ± 3.5 (3) | 3/3 |",
+         "| 80 | 24 | 300 (900) | 100.0 ± 0.0 (3) | 34.5 ± 3.6 (3) | 99.8 ± 0.0 (3) | 65.3 ± 3.5 (3) | 3/3 |"),
         ("| FFT | – | 0.003 | 93.6 ± 3.0 (3) [paper 42.5] | 99.6 ± 0.7 (3) [paper 100] | 100.0 ± 0.0 (3) [paper 100] | "
          "100.0 ± 0.0 (3)", "| FFT | – | 0.003 | 93.6 ± 3.0 | 99.6 ± 0.7 | 100.0 ± 0.0 | 100.0 ± 0.0 |"),
         ("| LoRA | 8 (mini 1) | 0.01 | 17.6 ± 2.6 (3) [paper 9.9] | 27.4 ± 5.9 (3) [paper 10] | 42.2 ± 10.9 (3) "
