@@ -89,8 +89,9 @@ def generalisation_gap(group: PretrainGroup) -> Stat:
                     if not math.isnan(run.final_perplexity) and not math.isnan(run.run.final_loss))
 
 
-def _stat(stat: Stat, digits: int = 1) -> str:
-    return f"{stat.mean:.{digits}f}" + ("" if math.isnan(stat.std) else f" ± {stat.std:.{digits}f}")
+def _stat(stat: Stat, sign: str = "") -> str:
+    """``mean ± std`` to one decimal (``sign="+"``: the mean signed, for gaps); the ± part dropped for one value."""
+    return f"{stat.mean:{sign}.1f}" + ("" if math.isnan(stat.std) else f" ± {stat.std:.1f}")
 
 
 def _cell(group: PretrainGroup | None) -> str:
@@ -99,7 +100,7 @@ def _cell(group: PretrainGroup | None) -> str:
 
 def _gap(first: PretrainGroup | None, second: PretrainGroup | None) -> str:
     gap = paired_gap(first, second) if first and second else None
-    return f"{gap.mean:+.1f}" + ("" if math.isnan(gap.std) else f" ± {gap.std:.1f}") if gap else "–"
+    return _stat(gap, "+") if gap else "–"
 
 
 def sweep_markdown(budgets: Sequence[Budget], parameters: int, epoch_tokens: int) -> str:
