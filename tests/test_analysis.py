@@ -195,5 +195,8 @@ def test_cli_writes_report_and_fails_without_runs(tmp_path, capsys):
 
 def test_notebook_executes_on_the_fixture():
     outputs = execute_notebook(NOTEBOOK, FIXTURE, timeout=120)
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2
+    # Fig. 2, Fig. 3 and the pairs sweep: the sweep's fixture, tests/fixtures/pairs_sweep, sits beside FIXTURE
+    # where the notebook looks for it (results/pairs_sweep beside results/runs)
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 3
+    assert any("as the number of pairs grows" in o.get("data", {}).get("text/markdown", "") for o in outputs)
     assert any("[paper 42.5]" in o.get("data", {}).get("text/markdown", "") for o in outputs)

@@ -29,6 +29,7 @@ SPECTRUM_LENGTH = 16
 def c4_config(method, seed, lr=3e-3, task="c4", model="llama_mini"):
     adapter = method != "fft"
     return {"rank": 128, "seed": seed, "lr": None, "task": {"name": task, "seq_len": 128},
+            "train": {"max_steps": 100, "batch_size": 4, "grad_accum": 1},
             "scale": {"name": "mini"},
             "method": {"name": method, **({"operator": "share"} if method.endswith("mora") else {}),
                        "target_modules": list(TARGETS) if adapter else []},
