@@ -415,7 +415,9 @@ def reach_text(curve: dict[int, float] | None) -> str:
         return "not measured"
     budget, step = max(curve), first_full_step(curve)
     if step is None:
-        return f"not reached: {curve[budget]:.1f}% at step {budget}"
+        last = curve[budget]
+        # a mean a hair under 100 would print as "100.0": give it the digits that show it is not
+        return f"not reached: {last:.{2 if last >= 99.95 else 1}f}% at step {budget}"
     return f"step {step} of {budget} ({step / budget:.2f} of the budget)"
 
 
