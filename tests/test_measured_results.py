@@ -175,3 +175,20 @@ def test_every_saved_run_was_written_by_one_process():
         if any(later <= earlier for earlier, later in zip(steps, steps[1:])):
             interleaved.append(str(metrics.parent.relative_to(REPO)))
     assert not interleaved, f"steps repeat or go back in: {interleaved}"
+
+
+@pytest.mark.parametrize("method", ["fft", "lora", "mora", "relora", "remora"])
+def test_table3_reruns_the_committed_table_at_the_committed_grids_rates(method, capsys):
+    """``make table3`` takes each arm's rate from the committed grid runs (C4_LR_FROM, by default this snapshot)
+    by Table 3's rule and runs it at seeds 0, 1, 2: each chosen rate must be strictly inside its grid, and the
+    snapshot must hold that rate's three seeds, so a clone's ``make table3`` reruns exactly the README's Table 3."""
+    from analysis.__main__ import main
+    from analysis.pretrain_figures import load_pretrain_runs
+
+    rank = [] if method == "fft" else ["--rank", "128"]
+    assert main(["best-lr", "--task", "c4", "--runs", str(MEASURED), "--method", method, *rank]) == 0
+    chosen = float(capsys.readouterr().out)
+    runs = [r for r in load_pretrain_runs(MEASURED) if r.run.method == method]
+    grid = sorted({r.run.lr for r in runs})
+    assert grid[0] < chosen < grid[-1], (method, chosen, grid)
+    assert sorted(r.run.seed for r in runs if r.run.lr == chosen) == [0, 1, 2]
