@@ -10,6 +10,8 @@ LOCK   := requirements/lock.txt
 TORCH  := $(shell sed -n 's/^torch==//p' $(LOCK))
 # torch's CPU build, for machines without a GPU and without a local wheel (PyPI's Linux wheel is the CUDA build)
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+COMMA := ,
+SPACE := $(subst ,, )
 
 .PHONY: install test test-fast bench gpu-check rank-table fig2 fig3 table2 uuid fig4 table3 fig5 pretrain \
         table1 table1-instruct table1-math table1-biomed table4 table6 table7 finetune \
@@ -124,11 +126,18 @@ uuid: fig2 fig3 table2 uuid-pairs-sweep
 PRETRAIN         = $(FINETUNE) experiment=pretrain_c4
 PRETRAIN_REPORT := $(PY) -m analysis pretrain --runs results/runs --out reports/pretrain
 C4_ADAPTERS     := lora mora relora remora
-C4_ARMS         := fft,$(shell echo $(C4_ADAPTERS) | tr ' ' ,)
+C4_ARMS         := fft,$(subst $(SPACE),$(COMMA),$(C4_ADAPTERS))
 C4_SEEDS        ?= 1,2
 C4_LR_FROM      ?= tests/fixtures/measured
 C4_LR_GRID       = $$($(PY) experiments/lr_grid.py task=c4 method=$(1))
-C4_BEST_LR       = $$($(PY) -m analysis best-lr --task c4 --runs $(C4_LR_FROM) --method $(1) $(2))
+# sets the shell variable rates to "lr_by_method.<arm>=<rate> ..." for the arms $(1), each at the rate Table 3's
+# rule chooses from the grid runs under C4_LR_FROM (paper rank 128 for the adapters), and prints it
+define C4_CHOSEN_RATES
+rates=""; for m in $(1); do \
+	  lr=$$($(PY) -m analysis best-lr --task c4 --runs $(C4_LR_FROM) --method $$m $$([ $$m = fft ] || echo --rank 128)) \
+	    || exit 1; rates="$$rates lr_by_method.$$m=$$lr"; done; \
+	echo "Table 3's rates (its rule on the grid runs under $(C4_LR_FROM)):$$rates"
+endef
 
 ## Table 3's learning-rate search: every arm's grid at seed 0 (19 runs), into results/runs/; the report lists each
 ## arm's chosen rate beside the committed grid's (reports/pretrain)
@@ -147,9 +156,7 @@ c4-lr-grid: $(STAMP)
 ## chosen rate (C4_LR_FROM's grid) at seed 0 and C4_SEEDS: 15 runs in one multirun, so the JOBS workers stay busy
 ## (lr null: each method's rate is its lr_by_method entry, set here to the chosen one)
 fig4 table3 fig5 pretrain: $(STAMP)
-	rates="lr_by_method.fft=$(call C4_BEST_LR,fft)" || exit 1; \
-	for m in $(C4_ADAPTERS); do rates="$$rates lr_by_method.$$m=$(call C4_BEST_LR,$$m,--rank 128)" || exit 1; done; \
-	echo "Table 3's rates (Table 3's rule on the grid runs under $(C4_LR_FROM)): $$rates"; \
+	$(call C4_CHOSEN_RATES,fft $(C4_ADAPTERS)); \
 	$(PRETRAIN) method=$(C4_ARMS) $$rates seed=0,$(C4_SEEDS)
 	$(PRETRAIN_REPORT)
 
@@ -160,13 +167,12 @@ fig4 table3 fig5 pretrain: $(STAMP)
 C4_SWEEP_STEPS ?= 250 500 2000
 C4_SWEEP_ARMS  := fft lora mora
 c4-tokens-sweep: table3
+	$(call C4_CHOSEN_RATES,$(C4_SWEEP_ARMS)); \
 	for s in $(C4_SWEEP_STEPS); do \
 	  evals=$$(seq -s, $$((s / 10)) $$((s / 10)) $$s); \
 	  opts="train.max_steps=$$s train.warmup_steps=$$((s / 10)) train.ckpt_every=$$((s / 5)) train.eval_steps=[$$evals]"; \
-	  for m in $(C4_SWEEP_ARMS); do \
-	    lr=$(call C4_BEST_LR,$$m,$$([ $$m = fft ] || echo --rank 128)) || exit 1; \
-	    $(PRETRAIN) method=$$m lr=$$lr $$opts seed=0,$(C4_SEEDS) out_root=results/c4_tokens_sweep/steps$$s || exit 1; \
-	  done; \
+	  $(PRETRAIN) method=$(subst $(SPACE),$(COMMA),$(C4_SWEEP_ARMS)) $$rates $$opts seed=0,$(C4_SEEDS) \
+	    out_root=results/c4_tokens_sweep/steps$$s || exit 1; \
 	done
 	$(PY) -m analysis c4-tokens --runs results/runs results/c4_tokens_sweep --out reports/pretrain
 
