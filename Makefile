@@ -326,7 +326,9 @@ c4-diagnosis: $(STAMP)
 # ---- Everything
 
 ## every table and figure at mini scale from a fresh clone, offline: reports/{uuid,pretrain,finetune}/
-all: uuid pretrain finetune
+# everything from nothing: the C4 table at the rates of this clone's own grid
+all: C4_LR_FROM = results/runs
+all: uuid c4-lr-grid pretrain finetune
 
 ## copy the mini run folders behind the README's numbers (no checkpoints) into tests/fixtures/measured/,
 ## where the suite re-renders every notebook from them and checks the README's numbers

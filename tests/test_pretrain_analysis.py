@@ -101,7 +101,7 @@ def test_repeated_seed_is_refused(tmp_path):
 
 
 def test_a_grid_at_seed_0_keeps_its_best_rate_with_every_seed_there(tmp_path, capsys):
-    # make table3's shape: the grid at seed 0, the chosen rate at seeds 1 and 2
+    # the shape of make c4-lr-grid + make table3: the grid at seed 0, the chosen rate at seeds 1 and 2
     for lr, ppl in [(1e-3, 50.0), (2e-3, 40.0), (4e-3, 45.0)]:
         write_run(tmp_path, "lora", 0, ppl, lr=lr)
     for seed, ppl in [(1, 44.0), (2, 42.0)]:
