@@ -39,14 +39,15 @@ from experiments.threads import ThreadChoice, machine_threads  # noqa: E402
 from mora.adapters import (LLAMA_TARGETS, adapter_summary, check_targets, inject_adapters,  # noqa: E402
                            trainable_parameter_count)
 
+# how the learning rate was given: lr= or the preset's tables (make table3 sets lr_by_method, make c4-lr-grid lr=);
+# the rate a run used is compared as resolved.lr, so these never hide a different rate
+RATE_SOURCE_KEYS = ("lr", "lr_by_method", "lr_grid_by_method", "lr_by_rank", "lr_grid")
 # config keys that may change between a run and its resumption
-RESUMABLE_KEYS = ("resume", "logger", "device", "skip_completed", "threads")
-# and keys that do not change what a completed run measured, so skip_completed may reuse it across them:
-# the preset's learning-rate tables (the rate the run used is compared as resolved.lr) and the evaluation
-# batch size (UUID prompts have equal lengths and C4 blocks are scored token by token, so batching only
-# changes speed)
-SKIP_IGNORED_KEYS = RESUMABLE_KEYS + ("lr_by_method", "lr_grid_by_method", "lr_by_rank", "lr_grid",
-                                     "task.eval_batch_size")
+RESUMABLE_KEYS = ("resume", "logger", "device", "skip_completed", "threads") + RATE_SOURCE_KEYS
+# and keys that do not change what a completed run measured, so skip_completed may reuse it across them: the
+# evaluation batch size (UUID prompts have equal lengths and C4 blocks are scored token by token, so batching
+# only changes speed)
+SKIP_IGNORED_KEYS = RESUMABLE_KEYS + ("task.eval_batch_size",)
 # errors in what the user asked for: one line, not a traceback (main)
 INPUT_ERRORS = (ValueError, OSError, OfflineDataError)
 

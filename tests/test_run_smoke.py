@@ -347,6 +347,30 @@ def test_skip_completed_reuses_a_run_across_keys_that_do_not_change_it(tmp_path)
     assert again["status"] == "completed" and metrics.stat().st_mtime_ns == written   # skipped, not rerun
 
 
+def test_skip_completed_compares_the_rate_used_not_how_it_was_given(tmp_path):
+    """make table3 gives each arm its rate through lr_by_method (lr null), make c4-lr-grid as lr=: a run one of
+    them finished is the other's run when the resolved rate is the same (found by running the two in turn:
+    "another config (lr: None -> 0.004)"), and another experiment when it is not."""
+    args = ["method=lora", "rank=8", *TINY, f"out_root={tmp_path}", "skip_completed=true"]
+    execute(compose(*args, "lr_by_method.lora=0.01"))
+    (metrics,) = tmp_path.rglob("metrics.jsonl")
+    written = metrics.stat().st_mtime_ns
+    assert execute(compose(*args, "lr=0.01"))["status"] == "completed" and metrics.stat().st_mtime_ns == written
+    with pytest.raises(ValueError, match=r"another config .*resolved.lr: 0.01 -> 0.02"):   # the same folder, another rate
+        execute(compose(*args, "lr=0.02", f"out_dir={metrics.parent}"))
+    execute(compose(*args, "lr=0.02"))                          # another rate: its own folder, a new run
+    assert len(list(tmp_path.rglob("metrics.jsonl"))) == 2
+
+
+def test_an_interrupted_run_resumes_when_only_how_its_rate_was_given_differs(tmp_path, monkeypatch):
+    args = ["method=lora", "rank=8", *TINY, "train.ckpt_every=1", "skip_completed=true", f"out_root={tmp_path}"]
+    interrupted_run(monkeypatch, 2, *args, "lr_by_method.lora=0.01")      # checkpoint at step 2, no summary
+    [run] = find_runs(tmp_path)
+    assert execute(compose(*args, "lr=0.01"))["status"] == "completed"
+    [run] = find_runs(tmp_path)
+    assert [m["step"] for m in run["metrics"]] == [1, 2, 3] and len(run["environment"]["resumes"]) == 1
+
+
 def test_nan_before_any_checkpoint_says_there_is_none_and_prints_why(tmp_path, monkeypatch, capsys):
     model_box = []
     inject = run_module.inject_adapters
