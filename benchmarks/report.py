@@ -20,6 +20,46 @@ OPERATORS = ("truncate", "share", "decouple", "rotate")
 MEASURED = Path(__file__).resolve().parent / "measured"
 
 
+# Timed ratios carry the run's timing noise; memory is counted, not timed. A timed ratio above its target by no
+# more than the A/A noise band measured in the same run (bare layer against itself) cannot be told from one that
+# meets it: such a row reads "tie", and only a ratio beyond target + band is a miss.
+TIMED_TARGETS = ("step_vs_straightforward", "delta_weight_vs_straightforward", "delta_weight_vs_copy")
+SHORT_NAMES = dict(step_vs_straightforward="step", delta_weight_vs_straightforward="ΔW×sf",
+                   delta_weight_vs_copy="ΔW/copy", memory_vs_lora="mem")
+
+
+def target_outcomes(entries: list[dict], band: float) -> dict[str, str]:
+    """{target: 'met' | 'tie' | 'missed'} over the MoRA operator rows ``entries`` (the worst row decides)."""
+    rank = {"met": 0, "tie": 1, "missed": 2}
+    worst: dict[str, str] = {}
+    for e in entries:
+        for name, verdict in e["verdicts"].items():
+            ratio, limit = e["ratios"][name], verdict["max"]
+            outcome = ("met" if ratio <= limit else
+                       "tie" if name in TIMED_TARGETS and ratio <= limit + band else "missed")
+            if rank[outcome] > rank[worst.get(name, "met")]:
+                worst[name] = outcome
+            worst.setdefault(name, outcome)
+    return worst
+
+
+def verdict_text(entries: list[dict], band: float) -> str:
+    """'ok', 'tie step (within ±band)' or 'MISS step, mem' for MoRA operator rows."""
+    outcomes = target_outcomes(entries, band)
+    missed = [SHORT_NAMES[n] for n, o in outcomes.items() if o == "missed"]
+    tied = [SHORT_NAMES[n] for n, o in outcomes.items() if o == "tie"]
+    if missed:
+        return "MISS " + ", ".join(missed)
+    return f"tie {', '.join(tied)} (within ±{band:.3f})" if tied else "ok"
+
+
+def overall_verdict(result: dict) -> str:
+    """Whether every MoRA row of a run meets every target: yes, within the noise band, or no."""
+    band = result["noise"]["max_abs_deviation"] or 0.0
+    outcomes = target_outcomes([e for e in result["entries"] if e["verdicts"]], band).values()
+    return "no" if "missed" in outcomes else "within the noise band" if "tie" in outcomes else "yes"
+
+
 def _cell(entry: dict, ratio: str, digits: int = 2) -> str:
     value = entry["ratios"].get(ratio)
     return "–" if value is None else f"{value:.{digits}f}"
@@ -31,6 +71,7 @@ def _bare_cell(entry: dict) -> str:
 
 def adapter_rows(result: dict) -> list[str]:
     """One row per (shape, tokens, rank): ×straightforward of each operator, ×bare beside its FLOP bound."""
+    band = result["noise"]["max_abs_deviation"] or 0.0
     groups: dict[tuple, dict] = {}
     for e in result["entries"]:
         groups.setdefault((e["in_features"], e["out_features"], e["tokens"], e["rank"]), {})[e["method"]] = e
@@ -38,14 +79,13 @@ def adapter_rows(result: dict) -> list[str]:
     for (k, d, tokens, rank), by in groups.items():
         ops = [by[op] for op in OPERATORS]
         r_hats = sorted({e["r_hat"] for e in ops})
-        missed = sorted({name for e in ops for name, v in e["verdicts"].items() if not v["met"]})
         cells = [f"{k}→{d}", f"{tokens:,}", f"{rank} ({'/'.join(map(str, r_hats))})",
                  *[_cell(e, "step_vs_straightforward") for e in ops],
                  *[_bare_cell(by[m]) for m in ("lora", "share", "rotate")],
                  f"{max(e['ratios']['memory_vs_lora'] for e in ops):.2f}",
                  f"{max(e['ratios']['delta_weight_vs_straightforward'] for e in ops):.2f}",
                  f"{max(e['ratios']['delta_weight_vs_copy'] for e in ops):.2f}",
-                 "ok" if not missed else "MISS " + ", ".join(missed)]
+                 verdict_text(ops, band)]
         rows.append("| " + " | ".join(cells) + " |")
     return rows
 
@@ -58,7 +98,7 @@ def adapter_table(result: dict) -> str:
     lines = [f"**{settings['dtype']}**, {settings['device']} ({env['device_name']}, {env['num_threads']} thread), "
              f"{result['clock']}, median of {settings['repeats']} interleaved rounds; A/A noise band "
              f"±{result['noise']['max_abs_deviation']:.3f}; load average {load['before'][0]} → {load['after'][0]} "
-             f"on {env['cpu_count']} cores; all targets met: **{'yes' if result['all_met'] else 'no'}**",
+             f"on {env['cpu_count']} cores; all targets met: **{overall_verdict(result)}**",
              "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *adapter_rows(result)]
     return "\n".join(lines)
 

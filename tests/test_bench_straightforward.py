@@ -114,3 +114,28 @@ def test_flop_bound_matches_the_issue_formula():
     assert bench.flop_bound("rotate", k, d, 8, 256) > bench.flop_bound("decouple", k, d, 8, 256) > share
     assert bench.flop_bound("rotate-sf", k, d, 8, 256) == bench.flop_bound("rotate", k, d, 8, 256)
     assert bench.flop_bound("bare-again", k, d, 8, None) == 1.0
+
+
+def test_a_timed_ratio_within_the_noise_band_is_a_tie_and_memory_is_never_one():
+    """A timed ratio above its target by no more than the run's A/A band is a tie (it cannot be told from a
+    met one); beyond the band it is a miss; memory, counted not timed, has no band."""
+    from benchmarks.report import overall_verdict, verdict_text
+
+    entries = [fake_entry("bare"), fake_entry("bare-again", step=1.03), fake_entry("lora", memory=100),
+               fake_entry("share", step=1.02, delta=0.5, memory=100), fake_entry("share-sf", step=1.0, delta=1.0),
+               fake_entry("rotate", step=1.05, delta=0.5, memory=100), fake_entry("rotate-sf", step=1.0, delta=1.0),
+               fake_entry("decouple", step=0.9, delta=0.5, memory=106), fake_entry("decouple-sf", delta=1.0)]
+    for e in entries:
+        if e["method"].startswith("bare"):
+            del e["delta_weight_s"]
+    bench.add_ratios(entries, "cpu")
+    by = {e["method"]: e for e in entries}
+    band = bench.noise_band(entries)["max_abs_deviation"]                          # 0.03
+    assert verdict_text([by["share"]], band) == "tie step (within ±0.030)"          # 1.02 ≤ 1.00 + 0.03
+    assert verdict_text([by["rotate"]], band) == "MISS step"                       # 1.05 > 1.03
+    assert verdict_text([by["decouple"]], band) == "MISS mem"                      # 1.06 > 1.05, no band
+    assert verdict_text([by["share"]], 0.0) == "MISS step"
+    result = dict(noise=bench.noise_band(entries), entries=[by["share"]])
+    assert overall_verdict(result) == "within the noise band"
+    assert overall_verdict({**result, "entries": [by["share"], by["rotate"]]}) == "no"
+    assert overall_verdict({**result, "noise": {"max_abs_deviation": 0.01}, "entries": [by["decouple"]]}) == "no"
