@@ -323,7 +323,11 @@ def bench_shape(k: int, d: int, settings: dict, rng: random.Random, progress: tq
         step_times = interleaved_times({n: c.step for n, c in configs.items()},
                                        {n: c.reset for n, c in configs.items()},
                                        settings["repeats"], settings["warmup"], device, rng, progress)
-        memory = {name: measure_memory(config, device) for name, config in configs.items()}
+        progress.set_description(f"{k}->{d} T={tokens} memory")
+        memory = {}
+        for name, config in configs.items():
+            memory[name] = measure_memory(config, device)
+            progress.update()
         entries += [entry(k, d, tokens, rank, method, modules, step_times, memory, delta_times, settings)
                     for rank in settings["ranks"] for method in METHODS]
     return entries
@@ -459,7 +463,7 @@ def environment(device: str) -> dict:
 
 def progress_total(settings: dict) -> int:
     n_configs = 2 + len(settings["ranks"]) * (1 + 2 * len(OPERATORS))
-    steps = (settings["warmup"] + settings["repeats"]) * n_configs * len(settings["tokens"])
+    steps = (settings["warmup"] + settings["repeats"] + 1) * n_configs * len(settings["tokens"])  # + 1: memory
     builds = (settings["warmup"] + settings["delta_repeats"]) * (n_configs - 1)  # copy replaces the bares
     return (steps + builds) * len(settings["shapes"])
 

@@ -99,6 +99,18 @@ def padded_sources(in_features: int, start: int, length: int, padding: str) -> t
     return torch.where(positions < in_features, positions, -1)
 
 
+def add_wrapped(target: torch.Tensor, wrapped: torch.Tensor) -> None:
+    """target[..., p mod k] += wrapped[..., p − k] for the wrapped padded positions p = k, k+1, … (k: target's
+    last size), in place. A single wrap adds onto the first columns as one contiguous slice; index_add_ only where
+    the padding is wider than the input (several wraps): it has no vectorised bfloat16 path on CPUs, where it made
+    a sharing ΔW 3.7× a copy of W."""
+    k, n = target.shape[-1], wrapped.shape[-1]
+    if n <= k:
+        target[..., :n] += wrapped
+    else:
+        target.index_add_(-1, padded_sources(k, k, n, "wrap").to(target.device), wrapped)
+
+
 def padded_slice(x: torch.Tensor, start: int, length: int, padding: str) -> torch.Tensor:
     """x̃[..., start:start+length] of the padded input without materialising all of x̃."""
     k = x.shape[-1]
@@ -127,8 +139,7 @@ def fold_padded_columns(delta_padded: torch.Tensor, in_features: int, padding: s
         return delta
     delta = delta_padded[:, :in_features].clone()
     if padding == "wrap":
-        src = padded_sources(in_features, in_features, n_positions - in_features, padding)
-        delta.index_add_(1, src.to(delta.device), delta_padded[:, in_features:])
+        add_wrapped(delta, delta_padded[:, in_features:])
     return delta
 
 
@@ -166,8 +177,7 @@ class _CompressCyclic(torch.autograd.Function):
         grad_padded = grad_c.repeat(*([1] * (grad_c.dim() - 1)), n_positions // r_hat)
         grad_x = grad_padded[..., :k]
         if n_positions > k and ctx.padding == "wrap":
-            src = padded_sources(k, k, n_positions - k, "wrap").to(grad_c.device)
-            grad_x.index_add_(-1, src, grad_padded[..., k:])
+            add_wrapped(grad_x, grad_padded[..., k:])
         return grad_x, None, None
 
 
@@ -501,8 +511,7 @@ def _blocks_to_columns(g: torch.Tensor, layout: MoRALayout, cos: torch.Tensor | 
     inside = k - n_full * r
     grad_x[:, n_full * r:] = tail[:, :inside]
     if layout.padding == "wrap":  # padded position p reads x_{p mod k}
-        src = padded_sources(k, k, r - inside, "wrap").to(grad_x.device)
-        grad_x.index_add_(-1, src, tail[:, inside:])
+        add_wrapped(grad_x, tail[:, inside:])
     return grad_x
 
 
@@ -550,8 +559,7 @@ def tile_columns(rows: torch.Tensor, k: int, padding: str) -> torch.Tensor:
     if rem:
         delta[:, q * r:].copy_(rows[:, :rem])
         if padding == "wrap":  # padded positions q·r̂+rem … read feature p mod k, group p mod r̂
-            src = padded_sources(k, k, r - rem, padding).to(rows.device)
-            delta.index_add_(1, src, rows[:, rem:])
+            add_wrapped(delta, rows[:, rem:])
     return delta
 
 
@@ -588,8 +596,7 @@ def _blockwise_delta_weight(M: torch.Tensor, layout: MoRALayout, cos: torch.Tens
         part = P[:rows.stop - rows.start]
         delta[rows, n_head * r:n_head * r + inside] = part[:, :inside]
         if inside < r and layout.padding == "wrap":
-            src = padded_sources(k, k, r - inside, "wrap").to(M.device)
-            delta[rows].index_add_(1, src, part[:, inside:])
+            add_wrapped(delta[rows], part[:, inside:])
     if d > period:  # tiled: row i repeats row i mod period
         n_tiles, rem = divmod(d, period)
         delta[period:n_tiles * period].unflatten(0, (n_tiles - 1, period)).copy_(delta[:period])

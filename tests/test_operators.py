@@ -237,3 +237,17 @@ def test_unbatched_and_batched_inputs_agree(operator):
     adapter = random_adapter(37, 53, 8, (operator, "cyclic", "cyclic", "wrap"))
     x = torch.randn(2, 4, 37, dtype=torch.float64)
     torch.testing.assert_close(adapter(x[1, 2]), adapter(x)[1, 2])
+
+
+@pytest.mark.parametrize("k, n_wrapped", [(7, 3), (7, 7), (3, 8), (1, 5)])
+def test_add_wrapped_folds_each_padded_column_onto_the_input_it_copies(k, n_wrapped):
+    """Padded position p = k, k+1, … reads feature p mod k: one wrap (n ≤ k) is a contiguous add, several wraps
+    (an input narrower than the padding) accumulate; both equal the index_add_ definition, in bfloat16 too."""
+    from mora.operators import add_wrapped
+
+    for dtype in (torch.float64, torch.bfloat16):
+        target = torch.randn(4, k, dtype=torch.float64).to(dtype)
+        wrapped = torch.randn(4, n_wrapped, dtype=torch.float64).to(dtype)
+        expected = target.clone().index_add_(-1, torch.arange(k, k + n_wrapped) % k, wrapped)
+        add_wrapped(target, wrapped)
+        assert torch.equal(target, expected)
