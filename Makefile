@@ -131,12 +131,12 @@ C4_SEEDS        ?= 1,2
 C4_LR_FROM      ?= tests/fixtures/measured
 C4_LR_GRID       = $$($(PY) experiments/lr_grid.py task=c4 method=$(1))
 # sets the shell variable rates to "lr_by_method.<arm>=<rate> ..." for the arms $(1), each at the rate Table 3's
-# rule chooses from the grid runs under C4_LR_FROM (paper rank 128 for the adapters), and prints it
+# rule chooses from the grid runs under $(2) (default C4_LR_FROM; paper rank 128 for the adapters), and prints it
 define C4_CHOSEN_RATES
 rates=""; for m in $(1); do \
-	  lr=$$($(PY) -m analysis best-lr --task c4 --runs $(C4_LR_FROM) --method $$m $$([ $$m = fft ] || echo --rank 128)) \
+	  lr=$$($(PY) -m analysis best-lr --task c4 --runs $(or $(2),$(C4_LR_FROM)) --method $$m $$([ $$m = fft ] || echo --rank 128)) \
 	    || exit 1; rates="$$rates lr_by_method.$$m=$$lr"; done; \
-	echo "Table 3's rates (its rule on the grid runs under $(C4_LR_FROM)):$$rates"
+	echo "Table 3's rates (its rule on the grid runs under $(or $(2),$(C4_LR_FROM))):$$rates"
 endef
 
 ## Table 3's learning-rate search: every arm's grid at seed 0 (19 runs), into results/runs/; the report lists each
@@ -144,12 +144,9 @@ endef
 c4-lr-grid: $(STAMP)
 	$(PRETRAIN) method=fft lr=$(call C4_LR_GRID,fft) seed=0
 	for m in $(C4_ADAPTERS); do $(PRETRAIN) method=$$m lr=$(call C4_LR_GRID,$$m) seed=0 || exit 1; done
-	@for m in fft $(C4_ADAPTERS); do \
-	  rank=$$([ $$m = fft ] || echo "--rank 128"); \
-	  here=$$($(PY) -m analysis best-lr --task c4 --runs results/runs --method $$m $$rank) || exit 1; \
-	  committed=$$($(PY) -m analysis best-lr --task c4 --runs tests/fixtures/measured --method $$m $$rank) || exit 1; \
-	  echo "$$m: chosen lr $$here (the committed grid: $$committed)$$([ "$$here" = "$$committed" ] || echo '; differs: run make table3 C4_LR_FROM=results/runs')"; \
-	done
+	@$(call C4_CHOSEN_RATES,fft $(C4_ADAPTERS),results/runs); here=$$rates; \
+	$(call C4_CHOSEN_RATES,fft $(C4_ADAPTERS),tests/fixtures/measured); \
+	[ "$$here" = "$$rates" ] || echo "this grid chose other rates than the committed one: run make table3 C4_LR_FROM=results/runs"
 	$(PRETRAIN_REPORT)
 
 ## Fig. 4 (loss curves), Table 3 (C4 validation perplexity), Fig. 5 (singular values of ΔW > 0.1): every arm at its

@@ -37,9 +37,7 @@ def target_outcomes(entries: list[dict], band: float) -> dict[str, str]:
             ratio, limit = e["ratios"][name], verdict["max"]
             outcome = ("met" if ratio <= limit else
                        "tie" if name in TIMED_TARGETS and ratio <= limit + band else "missed")
-            if rank[outcome] > rank[worst.get(name, "met")]:
-                worst[name] = outcome
-            worst.setdefault(name, outcome)
+            worst[name] = max(worst.get(name, "met"), outcome, key=rank.__getitem__)
     return worst
 
 
