@@ -14,7 +14,8 @@ COMMA := ,
 SPACE := $(subst ,, )
 
 .PHONY: install test test-fast bench gpu-check rank-table fig2 fig3 table2 uuid fig4 table3 fig5 pretrain \
-        table1 table1-instruct table1-math table1-biomed table4 table6 table7 finetune \
+        table1 table1-instruct table1-math table1-biomed table1-lr-grid table1-instruct-lr-grid table1-math-lr-grid \
+        table1-biomed-lr-grid table4 table6 table7 finetune \
         all snapshot regime figures calibrate-finetune calibrate-uuid calibrate-uuid-epochs calibrate-uuid-base calibrate-c4 c4-lr-grid c4-tokens-sweep base c4-diagnosis uuid-pairs-sweep clean
 
 # torch: a local wheel when pip finds one (its find-links; deps come with the lock), else the CPU index where
@@ -133,9 +134,9 @@ C4_LR_GRID       = $$($(PY) experiments/lr_grid.py task=c4 method=$(1))
 # sets the shell variable rates to "lr_by_method.<arm>=<rate> ..." for the arms $(1), each at the rate Table 3's
 # rule chooses from the grid runs under $(2) (default C4_LR_FROM; paper rank 128 for the adapters), and prints it
 define C4_CHOSEN_RATES
-rates=""; for m in $(1); do \
-	  lr=$$($(PY) -m analysis best-lr --task c4 --runs $(or $(2),$(C4_LR_FROM)) --method $$m $$([ $$m = fft ] || echo --rank 128)) \
-	    || exit 1; rates="$$rates lr_by_method.$$m=$$lr"; done; \
+lrs=$$($(PY) -m analysis best-lr --task c4 --runs $(or $(2),$(C4_LR_FROM)) --method $(subst $(SPACE),$(COMMA),$(1)) \
+	  --rank 128) || exit 1; \
+	rates=""; set -- $$lrs; for m in $(1); do rates="$$rates lr_by_method.$$m=$$1"; shift; done; \
 	echo "Table 3's rates (its rule on the grid runs under $(or $(2),$(C4_LR_FROM))):$$rates"
 endef
 
@@ -190,26 +191,65 @@ FT_REPORT   := $(PY) -m analysis finetune --runs results/runs --out reports/fine
 
 FT_SEEDS    ?= 1,2
 FT_ONLY     ?=# a comma-separated subset of Table 1's methods (empty: all), e.g. FT_ONLY=fft,lora,mora
-# One task's Table 1 arms (docs/calibration.md, Amendment 6): every learning-rate grid of the preset at seed 0
-# (the methods sharing a grid in one multirun, so the JOBS workers stay busy), then each arm's chosen rate
-# (analysis best-lr: FINETUNE_SELECTION_RULE) at FT_SEEDS. r = 8 runs Eq. 9 (rotate), r = 256 Eq. 6 (share).
-define FT_TABLE1
+FT_LR_FROM  ?= tests/fixtures/measured
+# Choosing the rates and running the table are two targets, as for Table 3 (docs/calibration.md, Amendment 6):
+# table1-<task>-lr-grid runs every learning-rate grid of the preset at seed 0; table1-<task> runs each arm at the
+# rate the selection rule (analysis best-lr: FINETUNE_SELECTION_RULE) chooses from the grid runs under FT_LR_FROM,
+# at seed 0 and FT_SEEDS. FT_LR_FROM is by default the committed grid runs behind the README
+# (tests/fixtures/measured); after a grid target, FT_LR_FROM=results/runs uses this clone's own grid.
+# r = 8 runs Eq. 9 (rotate), r = 256 Eq. 6 (share).
+
+# sets the shell variables methods (comma-separated) and rates ("lr_by_rank.r<rank>.<method>=<rate> ...") for task
+# $(1)'s Table 1 arms at rank $(2), each at the rate the rule chooses from the grid runs under $(3) (default
+# FT_LR_FROM), and prints the rates
+define FT_CHOSEN_RATES
+op=$$($(PY) experiments/config_value.py method.operator experiment=finetune_r$(2) task=$(1)) || exit 1; \
+	arms=$$($(PY) experiments/lr_grid.py --methods --only "$(FT_ONLY)" experiment=finetune_r$(2) task=$(1)) || exit 1; \
+	methods=$$(echo $$arms | tr ' ' ,); rates=""; \
+	if [ -n "$$methods" ]; then \
+	  lrs=$$($(PY) -m analysis best-lr --task $(1) --runs $(or $(3),$(FT_LR_FROM)) --method $$methods --rank $(2) \
+	    --where method.operator=$$op) || exit 1; \
+	  set -- $$lrs; for m in $$arms; do rates="$$rates lr_by_rank.r$(2).$$m=$$1"; shift; done; \
+	fi; \
+	echo "Table 1's rates for $(1) at r = $(2) (the rule on the grid runs under $(or $(3),$(FT_LR_FROM))):$$rates"
+endef
+
+# One task's learning-rate search: every grid of the preset at seed 0, the methods sharing a grid in one multirun
+# (so the JOBS workers stay busy); then each arm's choice beside the committed grid's
+define FT_LR_GRID
 	for r in 8 256; do \
 	  grids=$$($(PY) experiments/lr_grid.py --by-grid --only "$(FT_ONLY)" experiment=finetune_r$$r task=$(1)) || exit 1; \
 	  echo "$$grids" | while read -r methods lrs; do \
 	    $(FINETUNE) experiment=finetune_r$$r task=$(1) method=$$methods lr=$$lrs seed=0 </dev/null || exit 1; done || exit 1; \
 	done
-	for r in 8 256; do \
-	  op=$$($(PY) experiments/config_value.py method.operator experiment=finetune_r$$r task=$(1)) || exit 1; \
-	  for m in $$($(PY) experiments/lr_grid.py --methods --only "$(FT_ONLY)" experiment=finetune_r$$r task=$(1)); do \
-	    rank=$$([ $$m = fft ] || echo "--rank $$r"); \
-	    lr=$$($(PY) -m analysis best-lr --task $(1) --method $$m $$rank --where method.operator=$$op) || exit 1; \
-	    $(FINETUNE) experiment=finetune_r$$r task=$(1) method=$$m lr=$$lr seed=$(FT_SEEDS) || exit 1; \
-	  done; \
+	@for r in 8 256; do \
+	  $(call FT_CHOSEN_RATES,$(1),$$r,results/runs); here=$$rates; \
+	  $(call FT_CHOSEN_RATES,$(1),$$r,tests/fixtures/measured); \
+	  [ "$$here" = "$$rates" ] || echo "this grid chose other rates than the committed one at r = $$r: run make with FT_LR_FROM=results/runs"; \
 	done
 endef
 
-## Table 1, instruction-tuning column (mini: an Alpaca sample stands in for Tülu v2; held-out response NLL)
+# One task's Table 1 arms at their chosen rates, seeds 0 and FT_SEEDS: one multirun per rank (lr null: each
+# method's rate is its lr_by_rank entry, set here to the chosen one)
+define FT_TABLE1
+	for r in 8 256; do \
+	  $(call FT_CHOSEN_RATES,$(1),$$r); \
+	  [ -z "$$methods" ] || $(FINETUNE) experiment=finetune_r$$r task=$(1) method=$$methods $$rates seed=0,$(FT_SEEDS) || exit 1; \
+	done
+endef
+
+## Table 1's learning-rate searches, one target per task: every arm's grid at seed 0 into results/runs/; prints each
+## arm's choice beside the committed grid's
+table1-instruct-lr-grid: $(STAMP)
+	$(call FT_LR_GRID,tulu)
+table1-math-lr-grid: $(STAMP)
+	$(call FT_LR_GRID,metamath)
+table1-biomed-lr-grid: $(STAMP)
+	$(call FT_LR_GRID,biomed)
+table1-lr-grid: table1-instruct-lr-grid table1-math-lr-grid table1-biomed-lr-grid
+
+## Table 1, instruction-tuning column (mini: an Alpaca sample stands in for Tülu v2; held-out response NLL): each arm
+## at the rate its grid chose (FT_LR_FROM), seeds 0, 1, 2 (the same for the two columns below)
 table1-instruct: $(STAMP)
 	$(call FT_TABLE1,tulu)
 	$(FT_REPORT)
@@ -232,7 +272,8 @@ table1: table1-instruct table1-math table1-biomed
 table4: table1-math
 	for r in 8 256; do \
 	  op=$$($(PY) experiments/config_value.py method.operator experiment=finetune_r$$r task=metamath) || exit 1; \
-	  lr=$$($(PY) -m analysis best-lr --task metamath --method mora --rank $$r --where method.operator=$$op) || exit 1; \
+	  lr=$$($(PY) -m analysis best-lr --task metamath --runs $(FT_LR_FROM) --method mora --rank $$r --where method.operator=$$op) \
+	    || exit 1; \
 	  $(FINETUNE) experiment=finetune_r$$r task=metamath method=mora method.operator=truncate,share,decouple,rotate lr=$$lr seed=0,$(FT_SEEDS) || exit 1; \
 	done
 	$(FT_REPORT)
@@ -323,9 +364,10 @@ c4-diagnosis: $(STAMP)
 # ---- Everything
 
 ## every table and figure at mini scale from a fresh clone, offline: reports/{uuid,pretrain,finetune}/
-# everything from nothing: the C4 table at the rates of this clone's own grid
+# everything from nothing: the C4 and fine-tuning tables at the rates of this clone's own grids
 all: C4_LR_FROM = results/runs
-all: uuid c4-lr-grid pretrain finetune
+all: FT_LR_FROM = results/runs
+all: uuid c4-lr-grid pretrain table1-lr-grid finetune
 
 ## copy the mini run folders behind the README's numbers (no checkpoints) into tests/fixtures/measured/,
 ## where the suite re-renders every notebook from them and checks the README's numbers

@@ -9,8 +9,8 @@ gap as the training tokens per parameter grow. ``c4-diagnosis``: why LoRA ends b
 the first `mini` C4 preset (baselines under a finer lr grid, longer training, frozen embeddings).
 ``c4-calibration``: the C4 calibration rule (Amendment 5) applied to the FFT and LoRA runs of the current preset.
 ``finetune-calibration``: the fine-tuning calibration rule (Amendment 6) on the FFT and LoRA runs of the current presets.
-``best-lr``: the learning rate Table 2's (or Table 3's) rule chooses for one arm (the pairs sweep and
-`make table3` read it). ``figures``: the README's figures (Fig. 2-5, the Table 1 bars) as PNGs under fixed names, into docs/figures/. Reads run folders
+``best-lr``: the learning rate Table 2's (Table 3's, Table 1's) rule chooses for each arm given (the pairs sweep,
+`make table3` and `make table1-<task>` read it). ``figures``: the README's figures (Fig. 2-5, the Table 1 bars) as PNGs under fixed names, into docs/figures/. Reads run folders
 only; exits 1 with a message when no run matches.
 """
 
@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
 import yaml
 
 from analysis.c4_calibration import write_calibration_report as write_c4_calibration_report
-from analysis.finetune_calibration import finetune_best_lr, write_calibration_report as write_finetune_calibration_report
+from analysis.finetune_calibration import finetune_best_lrs, write_calibration_report as write_finetune_calibration_report
 from analysis.c4_diagnosis import preset_train_tokens, write_diagnosis_report
 from analysis.calibration import write_calibration_report
 from analysis.c4_tokens_sweep import write_sweep_report as write_c4_tokens_report
@@ -37,6 +38,7 @@ from analysis.readme_figures import write_readme_figures
 from analysis.regime import write_report as write_regime_report
 from analysis.runs import load_runs, select_learning_rates
 from experiments.loop.records import find_runs
+from mora.methods import get_method
 from analysis.uuid_figures import write_uuid_report
 
 
@@ -113,13 +115,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ft_cal.add_argument("--runs", type=Path, default=Path("results/runs"), help="results root (default: %(default)s)")
     ft_cal.add_argument("--out", type=Path, default=Path("reports/calibration_finetune"),
                         help="output folder (default: %(default)s)")
-    best = sub.add_parser("best-lr", help="print the learning rate Table 2's (uuid) or Table 3's (c4) rule chooses "
-                          "for one arm (for the Makefile)")
+    best = sub.add_parser("best-lr", help="print the learning rate Table 2's (uuid), Table 3's (c4) or Table 1's "
+                          "rule chooses for each arm given (for the Makefile)")
     best.add_argument("--runs", type=Path, default=Path("results/runs"), help="results root (default: %(default)s)")
     best.add_argument("--task", choices=("uuid", "c4", "tulu", "metamath", "biomed"), default="uuid",
                       help="whose rule: Table 2's, Table 3's, or Table 1's on that task at mini (default: %(default)s)")
-    best.add_argument("--method", required=True, help="method name, e.g. lora")
-    best.add_argument("--rank", type=int, default=None, help="paper rank (omit for FFT)")
+    best.add_argument("--method", required=True,
+                      help="method name, e.g. lora, or several, comma-separated (one rate per line, in this order)")
+    best.add_argument("--rank", type=int, default=None,
+                      help="paper rank of the adapters (full fine-tuning has none and ignores it)")
     best.add_argument("--where", type=_filter, action="append", default=[], metavar="KEY=VALUE",
                       help="keep runs whose config has this dotted key's value, e.g. task.n_pairs=40")
     figures = sub.add_parser("figures", help="the README's figures: docs/figures/<name>.png (make figures)")
@@ -305,30 +309,39 @@ def finetune_calibration_report(args: argparse.Namespace) -> int:
 
 
 def best_lr_report(args: argparse.Namespace) -> int:
-    """Print the chosen learning rate of one arm: UUID by :data:`analysis.runs.SELECTION_RULE`, C4 by
-    :data:`analysis.pretrain_figures.PRETRAIN_SELECTION_RULE`; 1 if none or several arms match."""
+    """Print the chosen learning rate of each arm, one line per ``--method`` in its order: UUID by
+    :data:`analysis.runs.SELECTION_RULE`, C4 by :data:`analysis.pretrain_figures.PRETRAIN_SELECTION_RULE`, fine-tuning
+    by :data:`analysis.finetune_tables.FINETUNE_SELECTION_RULE`; 1 if an arm has none or several. ``--rank`` is the
+    adapters' rank: a method without an adapter (full fine-tuning) has none. The runs are read once for all arms."""
     if _no_runs_folder(args.runs):
         return 1
+    methods = args.method.split(",")
     try:
+        arms = [(m, args.rank if get_method(m).layer_kind is not None else None) for m in methods]
+        where = dict(args.where)
+        chosen: dict[tuple[str, int | None], list[float]] = defaultdict(list)
         if args.task == "uuid":
-            runs = [r for r in load_runs(args.runs, task="uuid", **dict(args.where))
-                    if r.method == args.method and r.rank == args.rank]
-            chosen = [s.chosen.lr for s in select_learning_rates(runs) if s.chosen]
+            for s in select_learning_rates(load_runs(args.runs, task="uuid", **where)):
+                if s.chosen:
+                    chosen[s.key.method, s.key.rank].append(s.chosen.lr)
         elif args.task != "c4":
-            chosen = finetune_best_lr(args.runs, args.task, args.method, args.rank, dict(args.where))
+            chosen.update(finetune_best_lrs(args.runs, args.task, where))
         else:
-            runs = [r for r in load_pretrain_runs(args.runs, **dict(args.where))
-                    if r.run.method == args.method and r.run.rank == args.rank]
-            keys = {r.key for r in runs}
-            chosen = [choose_pretrain_lr([r for r in runs if r.key == key]) for key in keys]
+            runs = load_pretrain_runs(args.runs, **where)
+            for key in {r.key for r in runs if (r.run.method, r.run.rank) in arms}:
+                group = [r for r in runs if r.key == key]
+                chosen[group[0].run.method, group[0].run.rank].append(choose_pretrain_lr(group))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    if len(chosen) != 1:
-        print(f"error: {len(chosen)} arms of method={args.method} rank={args.rank} with an eligible learning rate under "
-              f"{args.runs} (filters={dict(args.where) or 'none'}); expected exactly one", file=sys.stderr)
-        return 1
-    print(f"{chosen[0]:g}")
+    rates = []
+    for method, rank in arms:
+        if len(chosen[method, rank]) != 1:
+            print(f"error: {len(chosen[method, rank])} arms of method={method} rank={rank} with an eligible learning "
+                  f"rate under {args.runs} (filters={dict(args.where) or 'none'}); expected exactly one", file=sys.stderr)
+            return 1
+        rates.append(f"{chosen[method, rank][0]:g}")
+    print("\n".join(rates))
     return 0
 
 

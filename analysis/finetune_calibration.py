@@ -238,17 +238,17 @@ def write_calibration_report(root: str | Path, out: str | Path, tasks: Sequence[
     return path
 
 
-def finetune_best_lr(root: str | Path, task: str, method: str, rank: int | None, where: dict) -> list[float]:
-    """The rate :data:`analysis.finetune_tables.FINETUNE_SELECTION_RULE` chooses for each arm of ``method`` at paper
-    ``rank`` among the current `mini` preset's runs of ``task`` under ``root`` (``where``: dotted config filters)."""
+def finetune_best_lrs(root: str | Path, task: str, where: dict) -> dict[tuple[str, int | None], list[float]]:
+    """The rates :data:`analysis.finetune_tables.FINETUNE_SELECTION_RULE` chooses among the current `mini` preset's
+    runs of ``task`` under ``root`` (``where``: dotted config filters), per (method, paper rank): one rate per
+    operator of that arm, so a list longer than one asks for a ``method.operator`` filter."""
     preset = preset_specs([task])[task]
     runs = [finetune_run_from_record(r) for r in find_runs(root, **{"task.name": task, "scale.name": "mini"}, **where)
             if _preset_matches(r["config"], preset)]
-    runs = [r for r in runs if r.key.method == method and r.key.rank == rank]
     metrics = present_metrics(task, runs)
-    chosen = []
+    chosen: dict[tuple[str, int | None], list[float]] = defaultdict(list)
     for key in {r.key for r in runs}:
         cell = select_lr([r for r in runs if r.key == key], metrics)
         if cell is not None:
-            chosen.append(cell.lr)
+            chosen[key.method, key.rank].append(cell.lr)
     return chosen

@@ -192,3 +192,32 @@ def test_table3_reruns_the_committed_table_at_the_committed_grids_rates(method, 
     grid = sorted({r.run.lr for r in runs})
     assert grid[0] < chosen < grid[-1], (method, chosen, grid)
     assert sorted(r.run.seed for r in runs if r.run.lr == chosen) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("task", ["tulu", "metamath", "biomed"])
+@pytest.mark.parametrize("rank", [8, 256])
+def test_table1_reruns_the_committed_table_at_the_committed_grids_rates(task, rank, capsys):
+    """``make table1-<task>`` takes each arm's rate from the committed grid runs (FT_LR_FROM, by default this
+    snapshot) by Table 1's rule, all arms of a rank in one ``best-lr`` call as the Makefile makes it, and runs it at
+    seeds 0, 1, 2: each chosen rate must be one of the preset's grid, strictly inside it, and the snapshot must hold
+    that rate's three seeds, so a clone's ``make table1-<task>`` reruns exactly the README's Table 1 column."""
+    from analysis.__main__ import main
+    from analysis.finetune_tables import load_finetune_runs
+    from experiments.config_value import config_value
+    from experiments.lr_grid import methods_by_grid
+
+    overrides = [f"experiment=finetune_r{rank}", f"task={task}"]
+    grids = {m: grid for grid, methods in methods_by_grid(overrides).items() for m in methods}
+    operator = config_value("method.operator", overrides)
+    methods = sorted(grids)
+    assert main(["best-lr", "--task", task, "--runs", str(MEASURED), "--method", ",".join(methods),
+                 "--rank", str(rank), "--where", f"method.operator={operator}"]) == 0
+    chosen = dict(zip(methods, map(float, capsys.readouterr().out.split())))
+    assert sorted(chosen) == methods
+    runs = load_finetune_runs(MEASURED, **{"task.name": task, "scale.name": "mini"})
+    for method, lr in chosen.items():
+        grid = sorted(grids[method])
+        assert lr in grid and grid[0] < lr < grid[-1], (task, rank, method, lr, grid)
+        seeds = sorted(r.seed for r in runs if r.key.method == method and r.lr == lr and r.status == "completed"
+                       and r.key.rank in (rank, None) and r.key.operator in (operator, None))
+        assert seeds == [0, 1, 2], (task, rank, method, lr, seeds)
