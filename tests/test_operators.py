@@ -251,3 +251,29 @@ def test_add_wrapped_folds_each_padded_column_onto_the_input_it_copies(k, n_wrap
         expected = target.clone().index_add_(-1, torch.arange(k, k + n_wrapped) % k, wrapped)
         add_wrapped(target, wrapped)
         assert torch.equal(target, expected)
+
+
+@pytest.mark.parametrize("r_hat, n_blocks", [(1448, 2), (256, 16), (6, 3)])
+def test_rotated_blocks_into_a_narrower_strided_out_round_once_as_the_whole_matrix_formula(r_hat, n_blocks):
+    """A bfloat16 M with float32 tables writes P^i = M R_i into ΔW's block diagonal (a strided bfloat16 view) in
+    row chunks (r̂ = 1448: 45 rows a chunk): bitwise the formula on whole matrices, computed in float32 and
+    rounded once, and nothing outside the diagonal blocks is touched."""
+    from mora.operators import rotated_blocks, rotation_tables
+
+    torch.manual_seed(0)
+    M = torch.randn(r_hat, r_hat).bfloat16()
+    cos, sin = rotation_tables(r_hat, n_blocks)
+    h = r_hat // 2
+    expected = torch.addcmul(M.float() * cos[:, None], torch.cat([M[:, h:], -M[:, :h]], -1).float(),
+                             sin[:, None]).bfloat16()                                   # (n, r̂, r̂)
+    delta = torch.full((n_blocks * r_hat + 3, n_blocks * r_hat + 5), 7.0, dtype=torch.bfloat16)
+    size = n_blocks * r_hat
+    diagonal = delta[:size, :size].unflatten(0, (n_blocks, r_hat)).unflatten(-1, (n_blocks, r_hat)) \
+        .diagonal(dim1=0, dim2=2).permute(2, 0, 1)                                      # (n, r̂, r̂) view
+    with torch.no_grad():
+        rotated_blocks(M, cos, sin, out=diagonal)
+    assert torch.equal(diagonal, expected)
+    untouched = torch.ones_like(delta, dtype=torch.bool)
+    for b in range(n_blocks):
+        untouched[b * r_hat:(b + 1) * r_hat, b * r_hat:(b + 1) * r_hat] = False
+    assert bool((delta[untouched] == 7.0).all())
