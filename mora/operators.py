@@ -307,24 +307,25 @@ def rotated_blocks(M: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     (float32 for a bfloat16 M) and rounded once; ``out`` (n, r̂, r̂), any strides, receives it.
     """
     h = M.shape[-1] // 2
+
+    def half_swapped(A: torch.Tensor) -> torch.Tensor:  # columns (A_{t+h}, −A_t): what sin multiplies
+        return torch.cat([A[:, h:], -A[:, :h]], dim=-1)
+
     cos, sin = cos[:, None, :], sin[:, None, :]                                     # (n, 1, r̂)
     differentiable = torch.is_grad_enabled() and M.requires_grad
     dtype = torch.promote_types(M.dtype, cos.dtype)
     if out is not None and not differentiable:
         if out.dtype == dtype:
-            M_half_swapped = torch.cat([M[:, h:], -M[:, :h]], dim=-1)               # (r̂, r̂)
-            return torch.mul(M, cos, out=out).addcmul_(M_half_swapped, sin)         # written in place
+            return torch.mul(M, cos, out=out).addcmul_(half_swapped(M), sin)        # written in place
         # narrower out (bfloat16 M, float32 tables): rows of M in chunks of ~512 KiB at the wider precision, each
         # rounded once into out while it is in cache: whole-matrix temporaries made the bfloat16 merge ΔW >3x a
         # copy of W (memory traffic, not arithmetic). Elementwise, so bitwise the same as the unchunked formula.
         rows = max(1, (1 << 19) // (dtype.itemsize * cos.shape[0] * M.shape[-1]))
         for start in range(0, M.shape[0], rows):
-            block = M[start:start + rows]
-            swapped = torch.cat([block[:, h:], -block[:, :h]], dim=-1)              # (rows, r̂)
-            out[:, start:start + rows].copy_(torch.mul(block, cos).addcmul_(swapped, sin))
+            block = M[start:start + rows]                                           # (rows, r̂)
+            out[:, start:start + rows].copy_(torch.mul(block, cos).addcmul_(half_swapped(block), sin))
         return out
-    M_half_swapped = torch.cat([M[:, h:], -M[:, :h]], dim=-1)                       # (r̂, r̂)
-    P = torch.addcmul(M.to(dtype) * cos, M_half_swapped.to(dtype), sin).to(M.dtype)
+    P = torch.addcmul(M.to(dtype) * cos, half_swapped(M).to(dtype), sin).to(M.dtype)
     return P if out is None else out.copy_(P)
 
 
