@@ -276,8 +276,10 @@ table1-biomed: $(STAMP)
 table1: table1-instruct table1-math table1-biomed
 
 ## Table 4: MoRA's four compress/decompress operators (Eqs. 4, 6, 8, 9) at r = 8 and 256 on GSM8K, each rank at
-## MoRA's Table 1 rate for that rank (Table 1's rotate r = 8 and share r = 256 runs are two of its cells)
-table4: table1-math
+## MoRA's Table 1 rate for that rank (analysis best-lr on FT_LR_FROM's grid; Table 1's rotate r = 8 and share
+## r = 256 runs are two of its cells, shared with table1-math when both run). It needs no other Table 1 run, so it
+## does not run table1-math first: 24 runs, the report shows the Table 1 rows present
+table4: $(STAMP)
 	for r in 8 256; do \
 	  op=$$($(PY) experiments/config_value.py method.operator experiment=finetune_r$$r task=metamath) || exit 1; \
 	  lr=$$($(PY) -m analysis best-lr --task metamath --runs $(FT_LR_FROM) --method mora --rank $$r --where method.operator=$$op) \
