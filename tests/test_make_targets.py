@@ -1,0 +1,62 @@
+"""Targets split to fit the 30-min wall clock (issue 12) still run what their aggregates promise.
+
+Dry runs only (``make -n``: recipes are printed, nothing runs), so this takes a second.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def dry_run(target: str, *overrides: str) -> str:
+    # Under a parent make (CI runs the suite from `make test`) MAKEFLAGS carries -w and the parent's flags;
+    # a clean environment keeps only this target's recipe.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    done = subprocess.run(["make", "--no-print-directory", "-n", target, *overrides], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def sweep_budgets(recipe: str) -> list[int]:
+    """The step budgets the C4 tokens sweep's loops run, in order."""
+    return [int(steps) for loop in re.findall(r"for s in ([\d ]+); do", recipe) for steps in loop.split()]
+
+
+def default_sweep_budgets() -> list[int]:
+    (value,) = re.findall(r"^C4_SWEEP_STEPS \?= ([\d ]+)$", (REPO / "Makefile").read_text(), re.M)
+    return [int(steps) for steps in value.split()]
+
+
+def test_the_two_halves_of_the_c4_tokens_sweep_run_each_default_budget_once():
+    short, long = sweep_budgets(dry_run("c4-tokens-sweep-short")), sweep_budgets(dry_run("c4-tokens-sweep-long"))
+    assert short and long and not set(short) & set(long)
+    assert sorted(short + long) == sorted(default_sweep_budgets())
+    assert max(short) < min(long)  # the cheap budgets in one target, the dear one in the other
+
+
+def test_the_whole_tokens_sweep_runs_table3_then_every_budget():
+    recipe = dry_run("c4-tokens-sweep")
+    table3 = recipe.index("experiment=pretrain_c4 method=fft,lora,mora,relora,remora")
+    assert table3 < recipe.index("for s in")
+    assert sorted(sweep_budgets(recipe)) == sorted(default_sweep_budgets())
+    assert recipe.rstrip().splitlines()[-1].endswith("analysis c4-tokens --runs results/runs results/c4_tokens_sweep "
+                                                     "--out reports/pretrain")
+
+
+def test_a_budget_given_on_the_command_line_reaches_both_halves():
+    assert sweep_budgets(dry_run("c4-tokens-sweep-short", "C4_SWEEP_STEPS=4000")) == [4000]
+    assert sweep_budgets(dry_run("c4-tokens-sweep-long", "C4_SWEEP_STEPS=4000")) == [4000]
+
+
+def test_table4_runs_only_the_four_operators_at_both_ranks():
+    recipe = dry_run("table4")
+    runs = [line for line in recipe.splitlines() if "experiments/run.py" in line]
+    assert len(runs) == 1 and "method=mora method.operator=truncate,share,decouple,rotate" in runs[0]
+    assert "for r in 8 256" in recipe
+    assert "finetune_r$r" in runs[0] and "task=metamath" in runs[0]
