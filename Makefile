@@ -16,7 +16,8 @@ SPACE := $(subst ,, )
 .PHONY: install test test-fast bench gpu-check rank-table fig2 fig3 table2 uuid fig4 table3 fig5 pretrain \
         table1 table1-instruct table1-math table1-biomed table1-lr-grid table1-instruct-lr-grid table1-math-lr-grid \
         table1-biomed-lr-grid table4 table6 table7 finetune \
-        all snapshot regime figures calibrate-finetune calibrate-uuid calibrate-uuid-epochs calibrate-uuid-base calibrate-c4 c4-lr-grid c4-tokens-sweep c4-tokens-sweep-short c4-tokens-sweep-long base c4-diagnosis uuid-pairs-sweep clean
+        all snapshot regime figures calibrate-finetune calibrate-uuid calibrate-uuid-epochs calibrate-uuid-base calibrate-c4 c4-lr-grid c4-tokens-sweep c4-tokens-sweep-short c4-tokens-sweep-long \
+        c4-tokens-sweep-long-s0 c4-tokens-sweep-long-s1 c4-tokens-sweep-long-s2 base c4-diagnosis uuid-pairs-sweep clean
 
 # torch: a local wheel when pip finds one (its find-links; deps come with the lock), else the CPU index where
 # there is no nvidia-smi, else PyPI's default (CUDA) build. GPU machines may use environment.yml instead.
@@ -161,23 +162,35 @@ fig4 table3 fig5 pretrain: $(STAMP)
 ## beyond the paper (issue 12, item 4, for C4; docs/calibration.md, Amendment 7): FFT, LoRA and MoRA at other step
 ## budgets (1,000 = Table 3's runs), i.e. other training tokens per parameter, each at its Table 3 rate (analysis
 ## best-lr on C4_LR_FROM's grid), warm-up 10% and evaluations every 10% of the budget, seeds 0 and C4_SEEDS;
-## results/c4_tokens_sweep/steps<S>/, reports/pretrain/c4_tokens_sweep.{md,png}. Split in two targets of under
-## 30 min each on 2 cores: c4-tokens-sweep-short (250 and 500 steps, 18 runs) and c4-tokens-sweep-long (2,000 steps,
-## 9 runs); each reports the budgets run so far. c4-tokens-sweep runs Table 3 (the 1,000-step point) and both.
+## results/c4_tokens_sweep/steps<S>/, reports/pretrain/c4_tokens_sweep.{md,png}. Split by cost, each part writing
+## the sweep report of the runs so far: c4-tokens-sweep-short (250 and 500 steps, 18 runs, 23 min on 2 cores) and
+## c4-tokens-sweep-long (2,000 steps, 9 runs of 9-10 min each, 2 at a time: about 50 min), or the latter in parts of
+## one seed each, c4-tokens-sweep-long-s0, -s1, -s2 (3 runs, about 20 min each). c4-tokens-sweep runs Table 3 (the
+## 1,000-step point), the short part and the long one.
 C4_SWEEP_STEPS ?= 250 500 2000
+C4_SWEEP_SEEDS  = 0,$(C4_SEEDS)
 C4_SWEEP_ARMS  := fft lora mora
+C4_SWEEP_LONG_PARTS := $(foreach seed,0 $(subst $(COMMA),$(SPACE),$(C4_SEEDS)),c4-tokens-sweep-long-s$(seed))
 C4_TOKENS_REPORT := $(PY) -m analysis c4-tokens --runs results/runs results/c4_tokens_sweep --out reports/pretrain
-c4-tokens-sweep-short: C4_SWEEP_STEPS = 250 500
-c4-tokens-sweep-long:  C4_SWEEP_STEPS = 2000
-c4-tokens-sweep-short c4-tokens-sweep-long: $(STAMP)
-	$(call C4_CHOSEN_RATES,$(C4_SWEEP_ARMS)); \
+define C4_SWEEP_RUNS
+$(call C4_CHOSEN_RATES,$(C4_SWEEP_ARMS)); \
 	for s in $(C4_SWEEP_STEPS); do \
 	  evals=$$(seq -s, $$((s / 10)) $$((s / 10)) $$s); \
 	  opts="train.max_steps=$$s train.warmup_steps=$$((s / 10)) train.ckpt_every=$$((s / 5)) train.eval_steps=[$$evals]"; \
-	  $(PRETRAIN) method=$(subst $(SPACE),$(COMMA),$(C4_SWEEP_ARMS)) $$rates $$opts seed=0,$(C4_SEEDS) \
+	  $(PRETRAIN) method=$(subst $(SPACE),$(COMMA),$(C4_SWEEP_ARMS)) $$rates $$opts seed=$(C4_SWEEP_SEEDS) \
 	    out_root=results/c4_tokens_sweep/steps$$s || exit 1; \
 	done
+endef
+c4-tokens-sweep-short: C4_SWEEP_STEPS = 250 500
+c4-tokens-sweep-long $(C4_SWEEP_LONG_PARTS): C4_SWEEP_STEPS = 2000
+c4-tokens-sweep-short c4-tokens-sweep-long: $(STAMP)
+	$(C4_SWEEP_RUNS)
 	$(C4_TOKENS_REPORT)
+
+$(C4_SWEEP_LONG_PARTS): c4-tokens-sweep-long-s%: $(STAMP)
+	$(C4_SWEEP_RUNS)
+	$(C4_TOKENS_REPORT)
+$(C4_SWEEP_LONG_PARTS): C4_SWEEP_SEEDS = $*
 
 c4-tokens-sweep: table3 c4-tokens-sweep-short c4-tokens-sweep-long
 	$(C4_TOKENS_REPORT)

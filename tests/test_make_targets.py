@@ -60,3 +60,15 @@ def test_table4_runs_only_the_four_operators_at_both_ranks():
     assert len(runs) == 1 and "method=mora method.operator=truncate,share,decouple,rotate" in runs[0]
     assert "for r in 8 256" in recipe
     assert "finetune_r$r" in runs[0] and "task=metamath" in runs[0]
+
+
+def sweep_seeds(recipe: str) -> list[str]:
+    return [seed for value in re.findall(r" seed=([\d,]+) ", recipe) for seed in value.split(",")]
+
+
+def test_the_long_budget_in_parts_of_one_seed_runs_each_seed_of_the_whole_once():
+    whole = dry_run("c4-tokens-sweep-long")
+    parts = [dry_run(f"c4-tokens-sweep-long-s{seed}") for seed in sweep_seeds(whole)]
+    assert len(parts) == 3
+    assert all(sweep_budgets(part) == sweep_budgets(whole) for part in parts)
+    assert sorted(seed for part in parts for seed in sweep_seeds(part)) == sorted(sweep_seeds(whole))
