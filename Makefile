@@ -164,9 +164,9 @@ fig4 table3 fig5 pretrain: $(STAMP)
 ## best-lr on C4_LR_FROM's grid), warm-up 10% and evaluations every 10% of the budget, seeds 0 and C4_SEEDS;
 ## results/c4_tokens_sweep/steps<S>/, reports/pretrain/c4_tokens_sweep.{md,png}. Split by cost, each part writing
 ## the sweep report of the runs so far: c4-tokens-sweep-short (250 and 500 steps, 18 runs, 23 min on 2 cores) and
-## c4-tokens-sweep-long (2,000 steps, 9 runs of 9-10 min each, 2 at a time: about 50 min), or the latter in parts of
-## one seed each, c4-tokens-sweep-long-s0, -s1, -s2 (3 runs, about 20 min each). c4-tokens-sweep runs Table 3 (the
-## 1,000-step point), the short part and the long one.
+## c4-tokens-sweep-long (2,000 steps, 9 runs of 8.5-13.5 min each, 2 at a time: about 52 min), or the latter in parts
+## of one seed each, c4-tokens-sweep-long-s0, -s1, -s2 (3 runs: FFT beside LoRA, then MoRA; about 26 min each).
+## c4-tokens-sweep runs Table 3 (the 1,000-step point), the short part and the long one.
 C4_SWEEP_STEPS ?= 250 500 2000
 C4_SWEEP_SEEDS  = 0,$(C4_SEEDS)
 C4_SWEEP_ARMS  := fft lora mora
