@@ -17,7 +17,7 @@ SPACE := $(subst ,, )
         table1 table1-instruct table1-math table1-biomed table1-lr-grid table1-instruct-lr-grid table1-math-lr-grid \
         table1-biomed-lr-grid table4 table6 table7 finetune \
         all snapshot regime figures calibrate-finetune calibrate-uuid calibrate-uuid-epochs calibrate-uuid-base calibrate-c4 c4-lr-grid c4-tokens-sweep c4-tokens-sweep-short c4-tokens-sweep-long \
-        c4-tokens-sweep-long-s0 c4-tokens-sweep-long-s1 c4-tokens-sweep-long-s2 base c4-diagnosis uuid-pairs-sweep clean
+        base c4-diagnosis uuid-pairs-sweep clean
 
 # torch: a local wheel when pip finds one (its find-links; deps come with the lock), else the CPU index where
 # there is no nvidia-smi, else PyPI's default (CUDA) build. GPU machines may use environment.yml instead.
@@ -168,29 +168,23 @@ fig4 table3 fig5 pretrain: $(STAMP)
 ## of one seed each, c4-tokens-sweep-long-s0, -s1, -s2 (3 runs: FFT beside LoRA, then MoRA; about 26 min each).
 ## c4-tokens-sweep runs Table 3 (the 1,000-step point), the short part and the long one.
 C4_SWEEP_STEPS ?= 250 500 2000
-C4_SWEEP_SEEDS  = 0,$(C4_SEEDS)
 C4_SWEEP_ARMS  := fft lora mora
 C4_SWEEP_LONG_PARTS := $(foreach seed,0 $(subst $(COMMA),$(SPACE),$(C4_SEEDS)),c4-tokens-sweep-long-s$(seed))
+.PHONY: $(C4_SWEEP_LONG_PARTS)
 C4_TOKENS_REPORT := $(PY) -m analysis c4-tokens --runs results/runs results/c4_tokens_sweep --out reports/pretrain
-define C4_SWEEP_RUNS
-$(call C4_CHOSEN_RATES,$(C4_SWEEP_ARMS)); \
+# a long part's seed is its name's suffix; every other part runs seed 0 and C4_SEEDS
+C4_SWEEP_SEEDS = $(if $(filter $(C4_SWEEP_LONG_PARTS),$@),$(@:c4-tokens-sweep-long-s%=%),0,$(C4_SEEDS))
+c4-tokens-sweep-short: C4_SWEEP_STEPS = 250 500
+c4-tokens-sweep-long $(C4_SWEEP_LONG_PARTS): C4_SWEEP_STEPS = 2000
+c4-tokens-sweep-short c4-tokens-sweep-long $(C4_SWEEP_LONG_PARTS): $(STAMP)
+	$(call C4_CHOSEN_RATES,$(C4_SWEEP_ARMS)); \
 	for s in $(C4_SWEEP_STEPS); do \
 	  evals=$$(seq -s, $$((s / 10)) $$((s / 10)) $$s); \
 	  opts="train.max_steps=$$s train.warmup_steps=$$((s / 10)) train.ckpt_every=$$((s / 5)) train.eval_steps=[$$evals]"; \
 	  $(PRETRAIN) method=$(subst $(SPACE),$(COMMA),$(C4_SWEEP_ARMS)) $$rates $$opts seed=$(C4_SWEEP_SEEDS) \
 	    out_root=results/c4_tokens_sweep/steps$$s || exit 1; \
 	done
-endef
-c4-tokens-sweep-short: C4_SWEEP_STEPS = 250 500
-c4-tokens-sweep-long $(C4_SWEEP_LONG_PARTS): C4_SWEEP_STEPS = 2000
-c4-tokens-sweep-short c4-tokens-sweep-long: $(STAMP)
-	$(C4_SWEEP_RUNS)
 	$(C4_TOKENS_REPORT)
-
-$(C4_SWEEP_LONG_PARTS): c4-tokens-sweep-long-s%: $(STAMP)
-	$(C4_SWEEP_RUNS)
-	$(C4_TOKENS_REPORT)
-$(C4_SWEEP_LONG_PARTS): C4_SWEEP_SEEDS = $*
 
 c4-tokens-sweep: table3 c4-tokens-sweep-short c4-tokens-sweep-long
 	$(C4_TOKENS_REPORT)
