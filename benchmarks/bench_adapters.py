@@ -23,9 +23,16 @@ What is measured, for each weight shape k→d, number of tokens T and LoRA-equiv
    and gradient bytes. On CUDA also the real peak of one step.
 3. ΔW build time: ``MoRAAdapter.delta_weight()``, the straightforward build, peft's
    ``get_delta_weight`` and a plain copy of W (``W.clone()``, the floor for any merge).
+4. Adapter time: forward + backward of each MoRA adapter alone, ours and the straightforward one,
+   the frozen layer's output replaced by zeros (:class:`AdapterAlone`). The frozen GEMMs are the
+   same calls in both implementations, and where they dominate a step (bfloat16 on a CPU without
+   bfloat16 units: ~30 s of a 31-s step) their own variation hides the adapters' difference; this
+   timing holds only what differs. Its noise band is an A/A comparison too: the sharing adapter
+   timed twice ("share" and its "again" copy), per rank.
 
 Each MoRA row gets a verdict against the targets of issue 15: step ≤ 1.00× straightforward,
-ΔW build ≤ 1.00× straightforward and ≤ 2× copy, memory ≤ LoRA + 5%. Beside ×bare it prints the
+adapter alone ≤ 1.00× straightforward, ΔW build ≤ 1.00× straightforward and ≤ 2× copy, memory
+≤ LoRA + 5%. Beside ×bare it prints the
 FLOP bound of the configuration (see :func:`flop_bound`). Raw times, ratios, verdicts, settings,
 load and hardware go to JSON; ``benchmarks/report.py`` renders the README table from it.
 
@@ -54,7 +61,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, for benchmarks/ (not installed)
 from benchmarks.straightforward import StraightforwardMoRA  # noqa: E402
-from benchmarks.report import overall_verdict, verdict_text  # noqa: E402
+from benchmarks.report import noise_bands, overall_verdict, verdict_text  # noqa: E402
 from mora.layer import MoRAAdapter, MoRALinear  # noqa: E402
 from mora.operators import OPERATORS  # noqa: E402
 
@@ -62,8 +69,9 @@ LLAMA2_7B_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))  # (k, d): q/k/v
 QUICK_SHAPES = ((256, 256), (256, 688), (688, 256))
 STRAIGHTFORWARD = {op: f"{op}-sf" for op in OPERATORS}  # method name of each operator's baseline
 METHODS = ("bare", "bare-again", "lora") + OPERATORS + tuple(STRAIGHTFORWARD.values())
-TARGETS = dict(step_vs_straightforward=1.0, delta_weight_vs_straightforward=1.0, delta_weight_vs_copy=2.0,
-               memory_vs_lora=1.05)
+TARGETS = dict(step_vs_straightforward=1.0, adapter_vs_straightforward=1.0, delta_weight_vs_straightforward=1.0,
+               delta_weight_vs_copy=2.0, memory_vs_lora=1.05)
+ADAPTER_AA = ("share", "share-again")  # the adapter timed twice per rank: the A/A comparison of adapter times
 INIT_STD = 0.01  # non-zero LoRA B and MoRA M, so no zero-weight path is special-cased
 
 
@@ -108,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
     parser.add_argument("--delta-repeats", type=int, default=5, help="timed rounds of ΔW builds")
+    parser.add_argument("--adapter-repeats", type=int, default=7,
+                        help="timed rounds of the adapters alone (cheap beside the steps, so more of them)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (timing assumes 1)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda if available, else cpu")
@@ -127,11 +137,13 @@ def resolve_settings(args: argparse.Namespace) -> dict:
     """Fill defaults; --quick overrides sizes but keeps explicit --out/--device/--dtype."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     settings = dict(tokens=args.tokens, repeats=args.repeats, warmup=args.warmup,
-                    delta_repeats=args.delta_repeats, threads=args.threads, device=device, dtype=args.dtype,
+                    delta_repeats=args.delta_repeats, adapter_repeats=args.adapter_repeats, threads=args.threads,
+                    device=device, dtype=args.dtype,
                     shapes=args.shapes or list(LLAMA2_7B_SHAPES), ranks=args.ranks or [8, 256],
                     seed=args.seed, quick=args.quick, out=str(args.out))
     if args.quick:
-        settings.update(tokens=[64, 256], repeats=1, delta_repeats=1, shapes=list(QUICK_SHAPES), ranks=[8, 32])
+        settings.update(tokens=[64, 256], repeats=1, delta_repeats=1, adapter_repeats=1, shapes=list(QUICK_SHAPES),
+                        ranks=[8, 32])
     return settings
 
 
@@ -166,6 +178,32 @@ def build_modules(base: nn.Linear, ranks: list[int]) -> dict[tuple, nn.Module]:
             mora = modules[(rank, operator)] = build_mora(base, rank, operator)
             modules[(rank, STRAIGHTFORWARD[operator])] = StraightforwardMoRA(mora)
     return modules
+
+
+class AdapterAlone(nn.Module):
+    """A MoRA layer's step without its frozen GEMM: zeros stand in for W0 x, then the adapter adds Δx.
+
+    Ours adds Δx into the zeros in place (``MoRAAdapter.forward``), the straightforward one adds its Δx
+    out of place, exactly as their layers add Δx to W0 x; the zeros cost the same in both.
+    """
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.layer, MoRALinear):
+            return self.layer.mora(x)
+        return x.new_zeros(*x.shape[:-1], self.layer.base_layer.out_features) + self.layer.delta(x)
+
+
+def adapter_modules(modules: dict[tuple, nn.Module]) -> dict[tuple, nn.Module]:
+    """{(r, op): AdapterAlone, (r, 'op-sf'): AdapterAlone, (r, 'share-again'): the share one again}."""
+    alone = {key: AdapterAlone(module) for key, module in modules.items()
+             if key[1] in OPERATORS or key[1] in STRAIGHTFORWARD.values()}
+    for rank in {rank for rank, _ in alone}:
+        alone[(rank, ADAPTER_AA[1])] = alone[(rank, ADAPTER_AA[0])]
+    return alone
 
 
 # ----------------------------------------------------------------------------- timing
@@ -323,18 +361,23 @@ def bench_shape(k: int, d: int, settings: dict, rng: random.Random, progress: tq
         step_times = interleaved_times({n: c.step for n, c in configs.items()},
                                        {n: c.reset for n, c in configs.items()},
                                        settings["repeats"], settings["warmup"], device, rng, progress)
+        progress.set_description(f"{k}->{d} T={tokens} adapters")
+        alone = {name: Config(name, module, x, grad_out) for name, module in adapter_modules(modules).items()}
+        adapter_times = interleaved_times({n: c.step for n, c in alone.items()}, {n: c.reset for n, c in alone.items()},
+                                          settings["adapter_repeats"], settings["warmup"], device, rng, progress)
         progress.set_description(f"{k}->{d} T={tokens} memory")
         memory = {}
         for name, config in configs.items():
             memory[name] = measure_memory(config, device)
             progress.update()
-        entries += [entry(k, d, tokens, rank, method, modules, step_times, memory, delta_times, settings)
+        entries += [entry(k, d, tokens, rank, method, modules, step_times, memory, delta_times, adapter_times,
+                          settings)
                     for rank in settings["ranks"] for method in METHODS]
     return entries
 
 
 def entry(k: int, d: int, tokens: int, rank: int, method: str, modules: dict, step_times: dict,
-          memory: dict, delta_times: dict, settings: dict) -> dict:
+          memory: dict, delta_times: dict, adapter_times: dict, settings: dict) -> dict:
     """One JSON entry per (tokens, rank, method); the rank-independent bare timings are repeated."""
     key = (None, method) if method.startswith("bare") else (rank, method)
     module = modules[key]
@@ -349,6 +392,10 @@ def entry(k: int, d: int, tokens: int, rank: int, method: str, modules: dict, st
                   flop_bound_vs_bare=flop_bound(method, k, d, rank, r_hat))
     if key in delta_times:
         result["delta_weight_s"] = statistics.median(delta_times[key])
+    if key in adapter_times:
+        result.update(adapter_s=statistics.median(adapter_times[key]), adapter_s_all=adapter_times[key])
+    if method == ADAPTER_AA[0]:
+        result["adapter_again_s"] = statistics.median(adapter_times[(rank, ADAPTER_AA[1])])
     return result
 
 
@@ -368,6 +415,7 @@ def add_ratios(entries: list[dict], device: str) -> None:
         if e["method"] in OPERATORS:
             sf = by_key[(*group, STRAIGHTFORWARD[e["method"]])]
             ratios["step_vs_straightforward"] = e["step_s"] / sf["step_s"]
+            ratios["adapter_vs_straightforward"] = e["adapter_s"] / sf["adapter_s"]
             ratios["delta_weight_vs_straightforward"] = e["delta_weight_s"] / sf["delta_weight_s"]
         e["ratios"] = ratios
         e["verdicts"] = verdicts(e)
@@ -381,27 +429,35 @@ def verdicts(entry: dict) -> dict[str, dict]:
 
 
 def noise_band(entries: list[dict]) -> dict:
-    """The A/A comparison: step time of the bare layer against itself, per shape and token count."""
+    """The A/A comparisons: step time of the bare layer against itself, per shape and token count, and
+    the sharing adapter's time against itself, per shape, token count and rank."""
     ratios = sorted({(e["shape"], e["tokens"]): e["ratios"]["step_vs_bare"]
                      for e in entries if e["method"] == "bare-again"}.items())
-    deviations = [abs(r - 1.0) for _, r in ratios]
+    adapter = sorted({(e["shape"], e["tokens"], e["rank"]): e["adapter_again_s"] / e["adapter_s"]
+                      for e in entries if "adapter_again_s" in e}.items())
+
+    def widest(pairs: list) -> float | None:
+        return max(abs(r - 1.0) for _, r in pairs) if pairs else None
+
     return dict(aa_ratios={f"{shape} T={tokens}": r for (shape, tokens), r in ratios},
-                max_abs_deviation=max(deviations) if deviations else None)
+                max_abs_deviation=widest(ratios),
+                adapter_aa_ratios={f"{shape} T={tokens} r={rank}": r for (shape, tokens, rank), r in adapter},
+                adapter_max_abs_deviation=widest(adapter))
 
 
 # ----------------------------------------------------------------------------- report
 
 TABLE_COLUMNS = (("shape", 12), ("T", 5), ("rank", 4), ("method", 9), ("r_hat", 5), ("step ms", 9),
-                 ("×sf", 6), ("×bare", 6), ("FLOP×bare", 9), ("×LoRA", 6), ("mem×LoRA", 8),
+                 ("×sf", 6), ("adapt×sf", 8), ("×bare", 6), ("FLOP×bare", 9), ("×LoRA", 6), ("mem×LoRA", 8),
                  ("ΔW×sf", 6), ("ΔW/copy", 7), ("verdict", 16))
 
 
-def verdict_cell(entry: dict, band: float = 0.0) -> str:
-    """A MoRA row's verdict (benchmarks/report.py's rule: a timed ratio within ``band`` of its target is a tie)."""
-    return verdict_text([entry], band) if entry["verdicts"] else ""
+def verdict_cell(entry: dict, bands: dict[str, float]) -> str:
+    """A MoRA row's verdict (benchmarks/report.py's rule: a timed ratio within its band of its target is a tie)."""
+    return verdict_text([entry], bands) if entry["verdicts"] else ""
 
 
-def table_row(entry: dict, band: float = 0.0) -> list[str]:
+def table_row(entry: dict, bands: dict[str, float]) -> list[str]:
     r = entry["ratios"]
 
     def fmt(name: str, digits: int = 3) -> str:
@@ -409,9 +465,9 @@ def table_row(entry: dict, band: float = 0.0) -> list[str]:
 
     return [entry["shape"], str(entry["tokens"]), str(entry["rank"]), entry["method"],
             str(entry["r_hat"] or ""), f"{entry['step_s'] * 1e3:.1f}", fmt("step_vs_straightforward"),
-            fmt("step_vs_bare"), f"{entry['flop_bound_vs_bare']:.3f}", fmt("step_vs_lora"),
-            fmt("memory_vs_lora"), fmt("delta_weight_vs_straightforward", 2), fmt("delta_weight_vs_copy", 2),
-            verdict_cell(entry, band)]
+            fmt("adapter_vs_straightforward"), fmt("step_vs_bare"), f"{entry['flop_bound_vs_bare']:.3f}",
+            fmt("step_vs_lora"), fmt("memory_vs_lora"), fmt("delta_weight_vs_straightforward", 2),
+            fmt("delta_weight_vs_copy", 2), verdict_cell(entry, bands)]
 
 
 def format_table(result: dict) -> str:
@@ -419,13 +475,15 @@ def format_table(result: dict) -> str:
         return "  ".join(cell.ljust(width) for cell, (_, width) in zip(cells, TABLE_COLUMNS)).rstrip()
 
     header = line([name for name, _ in TABLE_COLUMNS])
-    band = result["noise"]["max_abs_deviation"]
-    rows = [line(table_row(e, band or 0.0)) for e in result["entries"] if not e["method"].endswith("-sf")]
+    bands = noise_bands(result)
+    rows = [line(table_row(e, bands)) for e in result["entries"] if not e["method"].endswith("-sf")]
     notes = [f"memory = {result['memory_metric']}"
              + (" (CPU proxy: saved-for-backward storages + output + grads)" if result["memory_metric"]
                 == "saved_activation_bytes" else ""),
-             f"clock = {result['clock']}; noise band (A/A, bare vs bare-again): ±{band:.3f}",
-             f"targets: step ×sf ≤ {TARGETS['step_vs_straightforward']}, ΔW ×sf ≤ "
+             f"clock = {result['clock']}; noise bands (A/A): step ±{bands['step_vs_straightforward']:.3f} (bare "
+             f"vs bare-again), adapter alone ±{bands['adapter_vs_straightforward']:.3f} (share vs share-again)",
+             f"targets: step ×sf ≤ {TARGETS['step_vs_straightforward']}, adapter alone ×sf ≤ "
+             f"{TARGETS['adapter_vs_straightforward']}, ΔW ×sf ≤ "
              f"{TARGETS['delta_weight_vs_straightforward']}, ΔW/copy ≤ {TARGETS['delta_weight_vs_copy']}, "
              f"mem ×LoRA ≤ {TARGETS['memory_vs_lora']}",
              f"all MoRA rows meet every target: {overall_verdict(result)} (a timed ratio within the noise band "
@@ -465,7 +523,9 @@ def progress_total(settings: dict) -> int:
     n_configs = 2 + len(settings["ranks"]) * (1 + 2 * len(OPERATORS))
     steps = (settings["warmup"] + settings["repeats"] + 1) * n_configs * len(settings["tokens"])  # + 1: memory
     builds = (settings["warmup"] + settings["delta_repeats"]) * (n_configs - 1)  # copy replaces the bares
-    return (steps + builds) * len(settings["shapes"])
+    n_alone = len(settings["ranks"]) * (2 * len(OPERATORS) + 1)  # + 1: the A/A copy
+    alone = (settings["warmup"] + settings["adapter_repeats"]) * n_alone * len(settings["tokens"])
+    return (steps + builds + alone) * len(settings["shapes"])
 
 
 def run(settings: dict) -> dict:

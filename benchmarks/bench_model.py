@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
                         repeats=2, warmup=1)
     result = run(settings)
     for arm in result["arms"]:
-        print(f"{arm['name']:<12} {arm['step_s'] * 1e3:9.1f} ms  ×bare {arm['vs_bare']:.3f}  ×LoRA {arm['vs_lora']:.3f}")
+        print(f"{arm['name']:<12} {arm['step_s'] * 1e3:9.1f} ms  ×bare {arm['vs_bare']:.3f}  "
+              f"×LoRA {arm['vs_lora']:.3f}")
     print(f"load={result['load_average']['before']}→{result['load_average']['after']} "
           f"wall={result['wall_time_s']:.1f}s")
     args.out.parent.mkdir(parents=True, exist_ok=True)

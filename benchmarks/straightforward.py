@@ -106,9 +106,12 @@ class StraightforwardMoRA(nn.Module):
         self.register_buffer("cos", cos.to(self.M.device), persistent=False)
         self.register_buffer("sin", sin.to(self.M.device), persistent=False)
 
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's output Δx (..., d) alone."""
+        return delta_x(x, self.M, self.operator, self.base_layer.out_features, self.cos, self.sin)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        d = self.base_layer.out_features
-        return self.base_layer(x) + delta_x(x, self.M, self.operator, d, self.cos, self.sin)
+        return self.base_layer(x) + self.delta(x)
 
     def delta_weight(self) -> torch.Tensor:
         k, d = self.base_layer.in_features, self.base_layer.out_features

@@ -382,10 +382,15 @@ def _add_blockwise(out: torch.Tensor, x: torch.Tensor, M: torch.Tensor, layout: 
 class _AddBlockwise(torch.autograd.Function):
     """out += Eq. 8–9 with a backward that keeps only x (as LoRA keeps x) and M.
 
-    Rotation is applied to whichever side is smaller: to M (the stack P^i = M R_i, n·r̂²
-    entries, then one batched GEMM) when the step has more than r̂ tokens, else to the input
-    blocks (T·n·r̂ entries, then one GEMM with the shared M). Neither P nor the rotated or padded
-    blocks are saved: they are recomputed in the backward, so the activation memory is x alone.
+    Two ways to run it. The stack: a batched GEMM of each block's matrix (M for decoupling, the
+    rotated P^i = M R_i for rotation) with that block of x, read in place, and ∂M from the n block
+    gradients (n·r̂² entries) summed. The shared matrix: one GEMM of all T·n input blocks, as rows,
+    with M, and ∂M as one GEMM; the blocks must be laid out as rows (a copy of T·n·r̂ entries,
+    rotated for rotation, padded), unless they are x itself. Each costs what the other saves, so
+    the shared matrix is taken when its blocks are x itself (decoupling with n·r̂ = k, as
+    LLaMA's 4096→4096 at r = 8: no copy at all), or when the step has at most r̂ tokens (T·n·r̂
+    ≤ n·r̂²). Neither P nor the rotated or padded blocks are saved: they are recomputed in the
+    backward, so the activation memory is x alone.
     When the blocks cover the output exactly (n·r̂ = d, LLaMA's 4096→4096 at r = 8), the GEMM
     accumulates straight into out and ∂z is a view of ∂out: no (T, d) temporary either way.
     """
@@ -395,7 +400,7 @@ class _AddBlockwise(torch.autograd.Function):
         ctx.mark_dirty(out)
         ctx.save_for_backward(x, M, cos, sin)
         ctx.layout = layout
-        ctx.rotate_inputs = _rotate_inputs(layout, x.numel() // layout.in_features)
+        ctx.shared_matrix = _shared_matrix(layout, x.numel() // layout.in_features)
         return _blockwise_update(out, x, M, layout, cos, sin)
 
     @staticmethod
@@ -411,11 +416,12 @@ class _AddBlockwise(torch.autograd.Function):
             grad_z = _sum_periodic(grad_out.reshape(T, -1), torch.Size((T, n, r)), 0, layout.n_blocks * r)
         grad_z = grad_z.to(M.dtype)
         grad_x = grad_M = None
-        if ctx.rotate_inputs:
-            if ctx.needs_input_grad[1]:  # ∂x̃_i = R_iᵀ Mᵀ ∂z_i
+        if ctx.shared_matrix:
+            cos, sin = _tables(layout, cos, sin)
+            if ctx.needs_input_grad[1]:  # ∂x̃_i = R_iᵀ Mᵀ ∂z_i (R_i = I when decoupling)
                 grad_x = _blocks_to_columns(grad_z @ M, layout, cos, sin)
             if ctx.needs_input_grad[2]:  # ∂M = Σ ∂z_i a_iᵀ, a recomputed
-                grad_M = grad_z.flatten(0, 1).T @ _rotated_inputs(x2, layout, cos, sin).flatten(0, 1)
+                grad_M = grad_z.flatten(0, 1).T @ _input_blocks(x2, layout, cos, sin).flatten(0, 1)
         else:
             P = _block_matrices(M, layout, cos, sin)
             grad_z = grad_z.transpose(0, 1)                                         # (n, T, r̂)
@@ -430,11 +436,12 @@ class _AddBlockwise(torch.autograd.Function):
 
 def _blockwise_update(out: torch.Tensor, x: torch.Tensor, M: torch.Tensor, layout: MoRALayout,
                       cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
-    """The forward of _AddBlockwise: rotate the inputs or the block matrices, whichever is smaller."""
+    """The forward of _AddBlockwise: the one M on all input blocks (decouple; rotate with the inputs
+    rotated) or the stack of block matrices (rotate, M rotated), whichever is cheaper."""
     x2 = x.reshape(-1, layout.in_features)                                         # (T, k)
-    if not _rotate_inputs(layout, x2.shape[0]):
+    if not _shared_matrix(layout, x2.shape[0]):
         return _blockwise_forward(out, x, _block_matrices(M, layout, cos, sin), layout)
-    a = _rotated_inputs(x2, layout, cos, sin).flatten(0, 1)                        # (T·n, r̂)
+    a = _input_blocks(x2, layout, *_tables(layout, cos, sin)).flatten(0, 1)        # (T·n, r̂)
     if _covers_output(out, layout) and out.dtype == a.dtype:
         out.view(-1, layout.r_hat).addmm_(a, M.T)
         return out
@@ -450,6 +457,19 @@ def _covers_output(out: torch.Tensor, layout: MoRALayout) -> bool:
 def _rotate_inputs(layout: MoRALayout, n_tokens: int) -> bool:
     """Rotate the T·n·r̂ input entries rather than the n·r̂² entries of P when that is fewer."""
     return layout.operator == "rotate" and n_tokens <= layout.r_hat
+
+
+def _shared_matrix(layout: MoRALayout, n_tokens: int) -> bool:
+    """One GEMM of all input blocks with M (see _AddBlockwise): rotation when it rotates the inputs;
+    decoupling when its blocks are x itself or the step has at most r̂ tokens."""
+    if layout.operator == "rotate":
+        return _rotate_inputs(layout, n_tokens)
+    return layout.n_used_blocks * layout.r_hat == layout.in_features or n_tokens <= layout.r_hat
+
+
+def _tables(layout: MoRALayout, cos: torch.Tensor | None, sin: torch.Tensor | None) -> tuple:
+    """The rotation tables where blocks are rotated, else (None, None): R_i = I when decoupling."""
+    return (cos, sin) if layout.operator == "rotate" else (None, None)
 
 
 def _full_blocks(layout: MoRALayout) -> int:
@@ -471,15 +491,29 @@ def _rotate(v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bo
     return out
 
 
-def _rotated_inputs(x2: torch.Tensor, layout: MoRALayout, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """a_i = R_i x̃_i over the used blocks (Eq. 10), (T, n, r̂) contiguous, read from x in place."""
+def _input_blocks(x2: torch.Tensor, layout: MoRALayout, cos: torch.Tensor | None = None,
+                  sin: torch.Tensor | None = None) -> torch.Tensor:
+    """a_i = R_i x̃_i over the used blocks (Eq. 10; x̃_i itself without tables), (T, n, r̂).
+
+    Unrotated blocks that lie wholly inside x are a view of it (contiguous when they span x's
+    rows); otherwise one pass writes a contiguous copy, the padded last block included.
+    """
     r, n, n_full = layout.r_hat, layout.n_used_blocks, _full_blocks(layout)
+    if cos is None and n == n_full:
+        return x2[:, :n * r].unflatten(-1, (n, r))
     a = x2.new_empty(x2.shape[0], n, r)
     if n_full:
-        _rotate(x2[:, :n_full * r].unflatten(-1, (n_full, r)), cos[:n_full], sin[:n_full], out=a[:, :n_full])
+        full = x2[:, :n_full * r].unflatten(-1, (n_full, r))
+        if cos is None:
+            a[:, :n_full] = full
+        else:
+            _rotate(full, cos[:n_full], sin[:n_full], out=a[:, :n_full])
     if n > n_full:
         tail = padded_slice(x2, n_full * r, r, layout.padding).unsqueeze(-2)        # (T, 1, r̂)
-        _rotate(tail, cos[n_full:n], sin[n_full:n], out=a[:, n_full:])
+        if cos is None:
+            a[:, n_full:] = tail
+        else:
+            _rotate(tail, cos[n_full:n], sin[n_full:n], out=a[:, n_full:])
     return a
 
 

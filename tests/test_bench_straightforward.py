@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from benchmarks import bench_adapters as bench
+from benchmarks.report import noise_bands, verdict_text
 from benchmarks.straightforward import StraightforwardMoRA
 from mora.layer import MoRAAdapter, MoRALinear
-from mora.operators import OPERATORS, _rotate_inputs
+from mora.operators import OPERATORS, _rotate_inputs, _shared_matrix
 
 # (k, d, r̂): divisible, k and d not multiples of r̂, d < r̂·n (truncated), d > r̂·n (tiled), k > d, one block
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,15 +58,39 @@ def test_straightforward_equals_the_library(k, d, r_hat, operator, tokens):
     torch.testing.assert_close(layer.mora.delta_weight(), plain.delta_weight(), **tolerance(operator))
 
 
-def test_both_rotation_strategies_are_exercised():
-    layer, _ = layer_pair(37, 53, 8, "rotate")
-    assert _rotate_inputs(layer.mora.layout, 3) and not _rotate_inputs(layer.mora.layout, 40)
+@pytest.mark.parametrize("operator", OPERATORS)
+def test_the_adapters_timed_alone_are_the_layers_without_the_frozen_gemm(operator):
+    """AdapterAlone(layer)(x) = layer(x) − W0 x for both implementations, with the layer's gradients."""
+    layer, plain = layer_pair(37, 53, 8, operator)
+    x = torch.randn(5, 37, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(5, 53, dtype=torch.float64)
+    expected = layer(x) - layer.base_layer(x)
+    expected_grads = torch.autograd.grad(layer(x), (x, layer.mora.M), g)
+    for module, M in ((layer, layer.mora.M), (plain, plain.M)):
+        out = bench.AdapterAlone(module)(x)
+        torch.testing.assert_close(out, expected, **tolerance(operator))
+        dx, dM = torch.autograd.grad(out, (x, M), g)
+        W0_grad = g @ layer.base_layer.weight  # the frozen GEMM's part of ∂x, absent when timed alone
+        torch.testing.assert_close(dx, expected_grads[0] - W0_grad, **tolerance(operator))
+        torch.testing.assert_close(dM, expected_grads[1], **tolerance(operator))
 
 
-def test_rotation_gradcheck_on_both_strategies():
-    layer, _ = layer_pair(21, 30, 6, "rotate")
+def test_both_blockwise_strategies_are_exercised():
+    """The tests above run rotation and decoupling both as one shared-M GEMM and as the stack of blocks."""
+    rotate, _ = layer_pair(37, 53, 8, "rotate")
+    assert _rotate_inputs(rotate.mora.layout, 3) and not _rotate_inputs(rotate.mora.layout, 40)
+    assert _shared_matrix(rotate.mora.layout, 3) and not _shared_matrix(rotate.mora.layout, 40)
+    decouple, _ = layer_pair(37, 53, 8, "decouple")
+    assert _shared_matrix(decouple.mora.layout, 3) and not _shared_matrix(decouple.mora.layout, 40)
+    exact, _ = layer_pair(32, 32, 8, "decouple")  # blocks are x itself: shared at any T
+    assert _shared_matrix(exact.mora.layout, 40)
+
+
+@pytest.mark.parametrize("operator", ["decouple", "rotate"])
+def test_blockwise_gradcheck_on_both_strategies(operator):
+    layer, _ = layer_pair(21, 30, 6, operator)
     M = layer.mora.M.detach().clone().requires_grad_(True)
-    for tokens in (2, 9):  # r̂ = 6: inputs rotated, then M rotated
+    for tokens in (2, 9):  # r̂ = 6: one shared-M GEMM, then the stack of blocks
         x = torch.randn(tokens, 21, dtype=torch.float64, requires_grad=True)
 
         def f(x, M):
@@ -81,9 +106,9 @@ def test_straightforward_refuses_layouts_it_does_not_cover():
         StraightforwardMoRA(MoRALinear(nn.Linear(32, 32), adapter))
 
 
-def fake_entry(method, step=1.0, delta=1.0, memory=100, shape="4->4", tokens=2, rank=8):
+def fake_entry(method, step=1.0, delta=1.0, memory=100, shape="4->4", tokens=2, rank=8, adapter=1.0):
     return dict(shape=shape, tokens=tokens, rank=rank, method=method, step_s=step, delta_weight_s=delta,
-                copy_s=1.0, memory={"saved_activation_bytes": memory})
+                copy_s=1.0, memory={"saved_activation_bytes": memory}, adapter_s=adapter)
 
 
 def test_verdicts_follow_the_targets():
@@ -103,7 +128,7 @@ def test_verdicts_follow_the_targets():
     assert not by["decouple"]["verdicts"]["memory_vs_lora"]["met"]                # 1.06 > LoRA + 5%
     assert not by["truncate"]["verdicts"]["delta_weight_vs_straightforward"]["met"]
     assert by["lora"]["verdicts"] == {} and by["rotate-sf"]["verdicts"] == {}
-    assert bench.verdict_cell(by["share"]) == "MISS step"
+    assert bench.verdict_cell(by["share"], noise_bands({"noise": {"max_abs_deviation": 0.0}})) == "MISS step"
     assert bench.noise_band(entries)["max_abs_deviation"] == pytest.approx(0.02)
 
 
@@ -119,7 +144,7 @@ def test_flop_bound_matches_the_issue_formula():
 def test_a_timed_ratio_within_the_noise_band_is_a_tie_and_memory_is_never_one():
     """A timed ratio above its target by no more than the run's A/A band is a tie (it cannot be told from a
     met one); beyond the band it is a miss; memory, counted not timed, has no band."""
-    from benchmarks.report import overall_verdict, verdict_text
+    from benchmarks.report import overall_verdict
 
     entries = [fake_entry("bare"), fake_entry("bare-again", step=1.03), fake_entry("lora", memory=100),
                fake_entry("share", step=1.02, delta=0.5, memory=100), fake_entry("share-sf", step=1.0, delta=1.0),
@@ -130,12 +155,34 @@ def test_a_timed_ratio_within_the_noise_band_is_a_tie_and_memory_is_never_one():
             del e["delta_weight_s"]
     bench.add_ratios(entries, "cpu")
     by = {e["method"]: e for e in entries}
-    band = bench.noise_band(entries)["max_abs_deviation"]                          # 0.03
-    assert verdict_text([by["share"]], band) == "tie step (within ±0.030)"          # 1.02 ≤ 1.00 + 0.03
-    assert verdict_text([by["rotate"]], band) == "MISS step"                       # 1.05 > 1.03
-    assert verdict_text([by["decouple"]], band) == "MISS mem"                      # 1.06 > 1.05, no band
-    assert verdict_text([by["share"]], 0.0) == "MISS step"
+    bands = noise_bands({"noise": bench.noise_band(entries)})
+    assert bands["step_vs_straightforward"] == pytest.approx(0.03)
+    assert verdict_text([by["share"]], bands) == "tie step (within ±0.030)"         # 1.02 ≤ 1.00 + 0.03
+    assert verdict_text([by["rotate"]], bands) == "MISS step"                      # 1.05 > 1.03
+    assert verdict_text([by["decouple"]], bands) == "MISS mem"                     # 1.06 > 1.05, no band
+    assert verdict_text([by["share"]], dict.fromkeys(bands, 0.0)) == "MISS step"
     result = dict(noise=bench.noise_band(entries), entries=[by["share"]])
     assert overall_verdict(result) == "within the noise band"
     assert overall_verdict({**result, "entries": [by["share"], by["rotate"]]}) == "no"
     assert overall_verdict({**result, "noise": {"max_abs_deviation": 0.01}, "entries": [by["decouple"]]}) == "no"
+
+
+def test_the_adapters_alone_have_their_own_noise_band():
+    """The adapters timed alone are judged against the A/A band of the sharing adapter timed twice, not the
+    bare layer's: 1.015× is a tie within an adapter band of 0.02 and a miss within 0.01, whatever the step's."""
+    def run(adapter_again):
+        entries = [fake_entry("bare"), fake_entry("bare-again", step=1.001), fake_entry("lora"),
+                   fake_entry("share", adapter=1.015, delta=0.5), fake_entry("share-sf", delta=1.0)]
+        entries[3]["adapter_again_s"] = adapter_again
+        del entries[0]["delta_weight_s"], entries[1]["delta_weight_s"]
+        bench.add_ratios(entries, "cpu")
+        return entries, noise_bands({"noise": bench.noise_band(entries)})
+
+    entries, bands = run(adapter_again=1.015 * 1.02)
+    share = entries[3]
+    assert share["ratios"]["adapter_vs_straightforward"] == pytest.approx(1.015)
+    assert bands["adapter_vs_straightforward"] == pytest.approx(0.02)
+    assert bands["step_vs_straightforward"] == pytest.approx(0.001)
+    assert verdict_text([share], bands) == "tie adapter (within ±0.020)"
+    entries, bands = run(adapter_again=1.015 * 1.01)
+    assert verdict_text([entries[3]], bands) == "MISS adapter"
