@@ -30,8 +30,11 @@ def test_quick_benchmark_writes_every_entry(tmp_path):
             assert entry["delta_weight_s"] > 0, key
         assert all(math.isfinite(v) and v > 0 for v in entry["ratios"].values()), key
         assert bool(entry["verdicts"]) == (entry["method"] in bench.OPERATORS), key
+        timed_alone = entry["method"] in bench.OPERATORS or entry["method"] in bench.STRAIGHTFORWARD.values()
+        assert (entry.get("adapter_s", 0) > 0) == timed_alone, key
     assert result["environment"]["num_threads"] >= 1 and result["clock"] == "thread CPU time"
     assert result["noise"]["max_abs_deviation"] is not None
+    assert result["noise"]["adapter_max_abs_deviation"] is not None
     assert "| 256→256 | 64 | 8 (64) |" in report.adapter_table(result)
 
 
