@@ -205,6 +205,7 @@ FINETUNE    := OMP_NUM_THREADS=1 $(PY) experiments/run.py -m hydra/launcher=jobl
 FT_REPORT   := $(PY) -m analysis finetune --runs results/runs --out reports/finetune
 
 FT_SEEDS    ?= 1,2
+FT_RANKS    := 8 256# Table 1's paper ranks, one preset each (conf/experiment/finetune_r<rank>.yaml)
 FT_ONLY     ?=# a comma-separated subset of Table 1's methods (empty: all), e.g. FT_ONLY=fft,lora,mora
 FT_LR_FROM  ?= tests/fixtures/measured
 # Choosing the rates and running the table are two targets, as for Table 3 (docs/calibration.md, Amendment 6):
@@ -229,15 +230,16 @@ op=$$($(PY) experiments/config_value.py method.operator experiment=finetune_r$(2
 	echo "Table 1's rates for $(1) at r = $(2) (the rule on the grid runs under $(or $(3),$(FT_LR_FROM))):$$rates"
 endef
 
-# One task's learning-rate search: every grid of the preset at seed 0, the methods sharing a grid in one multirun
-# (so the JOBS workers stay busy); then each arm's choice beside the committed grid's
+# One task's learning-rate search at the ranks $(2) (default both): every grid of the rank's preset at seed 0, the
+# methods sharing a grid in one multirun (so the JOBS workers stay busy); then each arm's choice beside the
+# committed grid's. FFT, rank-free, is in the r = 8 preset's grids.
 define FT_LR_GRID
-	for r in 8 256; do \
+	for r in $(or $(2),$(FT_RANKS)); do \
 	  grids=$$($(PY) experiments/lr_grid.py --by-grid --only "$(FT_ONLY)" experiment=finetune_r$$r task=$(1)) || exit 1; \
 	  echo "$$grids" | while read -r methods lrs; do \
 	    $(FINETUNE) experiment=finetune_r$$r task=$(1) method=$$methods lr=$$lrs seed=0 </dev/null || exit 1; done || exit 1; \
 	done
-	@for r in 8 256; do \
+	@for r in $(or $(2),$(FT_RANKS)); do \
 	  $(call FT_CHOSEN_RATES,$(1),$$r,results/runs); here=$$rates; \
 	  $(call FT_CHOSEN_RATES,$(1),$$r,tests/fixtures/measured); \
 	  [ "$$here" = "$$rates" ] || echo "this grid chose other rates than the committed one at r = $$r: run make with FT_LR_FROM=results/runs"; \
@@ -254,13 +256,23 @@ define FT_TABLE1
 endef
 
 ## Table 1's learning-rate searches, one target per task: every arm's grid at seed 0 into results/runs/; prints each
-## arm's choice beside the committed grid's
+## arm's choice beside the committed grid's. Each also comes in one part per rank, table1-<column>-lr-grid-r8 (FFT
+## and the adapters at r = 8) and -r256, for the 30-min wall clock (issue 12): biomedicine's whole grid, 40 runs of
+## about 90 s each on an idle core (190 s on a slower afternoon), is 30 min or more on the 2 cores.
+FT_TASK_OF_instruct := tulu
+FT_TASK_OF_math     := metamath
+FT_TASK_OF_biomed   := biomed
+FT_LR_GRID_PARTS    := $(foreach column,instruct math biomed,$(foreach r,$(FT_RANKS),table1-$(column)-lr-grid-r$(r)))
+.PHONY: $(FT_LR_GRID_PARTS)
 table1-instruct-lr-grid: $(STAMP)
 	$(call FT_LR_GRID,tulu)
 table1-math-lr-grid: $(STAMP)
 	$(call FT_LR_GRID,metamath)
 table1-biomed-lr-grid: $(STAMP)
 	$(call FT_LR_GRID,biomed)
+# a part's column and rank from its name: table1-<column>-lr-grid-r<rank>
+$(FT_LR_GRID_PARTS): $(STAMP)
+	$(call FT_LR_GRID,$(FT_TASK_OF_$(word 2,$(subst -, ,$@))),$(patsubst r%,%,$(lastword $(subst -, ,$@))))
 table1-lr-grid: table1-instruct-lr-grid table1-math-lr-grid table1-biomed-lr-grid
 
 ## Table 1, instruction-tuning column (mini: an Alpaca sample stands in for Tülu v2; held-out response NLL): each arm

@@ -72,3 +72,16 @@ def test_the_long_budget_in_parts_of_one_seed_runs_each_seed_of_the_whole_once()
     assert len(parts) == 3
     assert all(sweep_budgets(part) == sweep_budgets(whole) for part in parts)
     assert sorted(seed for part in parts for seed in sweep_seeds(part)) == sorted(sweep_seeds(whole))
+
+
+def grid_loops(recipe: str) -> list[tuple[str, str]]:
+    """(task, ranks) of each learning-rate grid loop a recipe runs."""
+    return re.findall(r"for r in ([\d ]+); do grids=.*? task=(\w+)\)", recipe)
+
+
+def test_the_rank_parts_of_each_learning_rate_grid_run_the_whole_grid_once():
+    for column, task in (("instruct", "tulu"), ("math", "metamath"), ("biomed", "biomed")):
+        whole = grid_loops(dry_run(f"table1-{column}-lr-grid"))
+        assert whole == [("8 256", task)]
+        parts = [loop for r in (8, 256) for loop in grid_loops(dry_run(f"table1-{column}-lr-grid-r{r}"))]
+        assert parts == [("8", task), ("256", task)]
