@@ -502,18 +502,16 @@ def _input_blocks(x2: torch.Tensor, layout: MoRALayout, cos: torch.Tensor | None
     if cos is None and n == n_full:
         return x2[:, :n * r].unflatten(-1, (n, r))
     a = x2.new_empty(x2.shape[0], n, r)
+    spans = []                                                                      # (first, end, blocks)
     if n_full:
-        full = x2[:, :n_full * r].unflatten(-1, (n_full, r))
-        if cos is None:
-            a[:, :n_full] = full
-        else:
-            _rotate(full, cos[:n_full], sin[:n_full], out=a[:, :n_full])
+        spans.append((0, n_full, x2[:, :n_full * r].unflatten(-1, (n_full, r))))
     if n > n_full:
-        tail = padded_slice(x2, n_full * r, r, layout.padding).unsqueeze(-2)        # (T, 1, r̂)
+        spans.append((n_full, n, padded_slice(x2, n_full * r, r, layout.padding).unsqueeze(-2)))  # (T, 1, r̂)
+    for first, end, blocks in spans:
         if cos is None:
-            a[:, n_full:] = tail
+            a[:, first:end] = blocks
         else:
-            _rotate(tail, cos[n_full:n], sin[n_full:n], out=a[:, n_full:])
+            _rotate(blocks, cos[first:end], sin[first:end], out=a[:, first:end])
     return a
 
 
