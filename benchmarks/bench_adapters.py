@@ -17,7 +17,9 @@ What is measured, for each weight shape k→d, number of tokens T and LoRA-equiv
    clock is the thread's CPU time (one thread, ``time.thread_time``): on a shared machine it does not
    count the time the process waits for a core, which wall-clock time does; on CUDA, wall-clock
    time after a synchronize. The bare layer is timed twice as two configurations ("bare" and
-   "bare-again"): their ratio is an A/A comparison, the run's own noise band.
+   "bare-again"): their ratio is an A/A comparison, one draw of the run's noise. The spread of every
+   configuration's times over its rounds gives a second estimate, two standard errors of a ratio of
+   medians (benchmarks/report.py, ``rounds_band``); the verdicts use the wider of the two.
 2. Memory: on CPU ``saved_activation_bytes``, a proxy: the unique storages saved for backward
    (views of x count once; parameters and buffers are excluded as they live anyway) plus the output
    and gradient bytes. On CUDA also the real peak of one step.
@@ -61,7 +63,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, for benchmarks/ (not installed)
 from benchmarks.straightforward import StraightforwardMoRA  # noqa: E402
-from benchmarks.report import noise_bands, overall_verdict, verdict_text  # noqa: E402
+from benchmarks.report import (configuration_rounds, noise_bands, overall_verdict, rounds_band,  # noqa: E402
+                               verdict_text)
 from mora.layer import MoRAAdapter, MoRALinear  # noqa: E402
 from mora.operators import OPERATORS  # noqa: E402
 
@@ -249,7 +252,9 @@ def saved_activation_bytes(config: Config) -> dict[str, int]:
     """CPU memory proxy of one step: unique saved storages + output + gradients, in bytes.
 
     Storages are keyed by data_ptr so views of x (saved by both LoRA's A and MoRA's blocks, say)
-    count once; parameters and buffers are left out because they are resident regardless.
+    count once; parameters and buffers are left out because they are resident regardless. The
+    gradients are x's and the trainable parameters' sizes: the forward alone holds everything
+    counted, so no backward is run (in bfloat16 on a CPU it is ~30 s of a 31-s step).
     """
     module = config.module
     resident = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
@@ -264,11 +269,10 @@ def saved_activation_bytes(config: Config) -> dict[str, int]:
     config.reset()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = config.module(config.x)
-    out.backward(config.grad_out)
-    grads = [config.x.grad] + [p.grad for p in module.parameters() if p.grad is not None]
+    needs_grad = [config.x] + [p for p in module.parameters() if p.requires_grad]
     parts = dict(saved_for_backward_bytes=sum(saved.values()),
                  output_bytes=out.untyped_storage().nbytes(),
-                 grad_bytes=sum(g.untyped_storage().nbytes() for g in grads))
+                 grad_bytes=sum(t.numel() * t.element_size() for t in needs_grad))
     return dict(parts, saved_activation_bytes=sum(parts.values()))
 
 
@@ -430,7 +434,8 @@ def verdicts(entry: dict) -> dict[str, dict]:
 
 def noise_band(entries: list[dict]) -> dict:
     """The A/A comparisons: step time of the bare layer against itself, per shape and token count, and
-    the sharing adapter's time against itself, per shape, token count and rank."""
+    the sharing adapter's time against itself, per shape, token count and rank; and the bands the rounds'
+    spread gives (benchmarks/report.py, ``rounds_band``; the verdicts take the wider of the two)."""
     ratios = sorted({(e["shape"], e["tokens"]): e["ratios"]["step_vs_bare"]
                      for e in entries if e["method"] == "bare-again"}.items())
     adapter = sorted({(e["shape"], e["tokens"], e["rank"]): e["adapter_again_s"] / e["adapter_s"]
@@ -442,7 +447,9 @@ def noise_band(entries: list[dict]) -> dict:
     return dict(aa_ratios={f"{shape} T={tokens}": r for (shape, tokens), r in ratios},
                 max_abs_deviation=widest(ratios),
                 adapter_aa_ratios={f"{shape} T={tokens} r={rank}": r for (shape, tokens, rank), r in adapter},
-                adapter_max_abs_deviation=widest(adapter))
+                adapter_max_abs_deviation=widest(adapter),
+                step_rounds_band=rounds_band(configuration_rounds(entries, "step_s_all")),
+                adapter_rounds_band=rounds_band(configuration_rounds(entries, "adapter_s_all")))
 
 
 # ----------------------------------------------------------------------------- report
@@ -480,8 +487,9 @@ def format_table(result: dict) -> str:
     notes = [f"memory = {result['memory_metric']}"
              + (" (CPU proxy: saved-for-backward storages + output + grads)" if result["memory_metric"]
                 == "saved_activation_bytes" else ""),
-             f"clock = {result['clock']}; noise bands (A/A): step ±{bands['step_vs_straightforward']:.3f} (bare "
-             f"vs bare-again), adapter alone ±{bands['adapter_vs_straightforward']:.3f} (share vs share-again)",
+             f"clock = {result['clock']}; noise bands (the wider of the A/A ratio and 2 SE of a ratio of medians "
+             f"over the rounds): step ±{bands['step_vs_straightforward']:.3f} (A/A: bare vs bare-again), adapter "
+             f"alone ±{bands['adapter_vs_straightforward']:.3f} (A/A: share vs share-again)",
              f"targets: step ×sf ≤ {TARGETS['step_vs_straightforward']}, adapter alone ×sf ≤ "
              f"{TARGETS['adapter_vs_straightforward']}, ΔW ×sf ≤ "
              f"{TARGETS['delta_weight_vs_straightforward']}, ΔW/copy ≤ {TARGETS['delta_weight_vs_copy']}, "

@@ -28,6 +28,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, for benchmarks/ (not installed)
 from benchmarks.bench_adapters import environment, load_average  # noqa: E402
+from benchmarks.report import rounds_band  # noqa: E402
 from mora.adapters import AdapterConfig, build_optimizer, inject_adapters  # noqa: E402
 
 ARMS = (("bare", None, None), ("LoRA", "lora", None), ("MoRA share", "mora", "share"),
@@ -121,8 +122,9 @@ def main(argv: list[str] | None = None) -> dict:
     for arm in result["arms"]:
         print(f"{arm['name']:<12} {arm['step_s'] * 1e3:9.1f} ms  ×bare {arm['vs_bare']:.3f}  "
               f"×LoRA {arm['vs_lora']:.3f}")
-    print(f"load={result['load_average']['before']}→{result['load_average']['after']} "
-          f"wall={result['wall_time_s']:.1f}s")
+    print(f"noise band ±{rounds_band([arm['step_s_all'] for arm in result['arms']]):.3f} (2 SE of a ratio of "
+          f"medians, from the rounds' spread) load={result['load_average']['before']}→"
+          f"{result['load_average']['after']} wall={result['wall_time_s']:.1f}s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({**result, "settings": {**settings, "out": str(args.out)}}, indent=2))
     print(f"wrote {args.out}")

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import shutil
+import statistics
 from pathlib import Path
 
 OPERATORS = ("truncate", "share", "decouple", "rotate")
@@ -21,19 +23,55 @@ MEASURED = Path(__file__).resolve().parent / "measured"
 
 
 # Timed ratios carry the run's timing noise; memory is counted, not timed. A timed ratio above its target by no
-# more than the A/A noise band measured in the same run cannot be told from one that meets it: such a row reads
-# "tie", and only a ratio beyond target + band is a miss. Steps and ΔW builds take the band of the bare layer
-# timed against itself; the adapters timed alone take the band of the sharing adapter timed against itself.
+# more than the noise band of the same run cannot be told from one that meets it: such a row reads "tie", and only
+# a ratio beyond target + band is a miss. A run measures its noise two ways, and the band is the wider of them:
+# - A/A: the bare layer timed against itself (steps and ΔW builds) and the sharing adapter timed against itself
+#   (adapters alone). One pair is one draw of the noise: two idle runs of the same code moved the same 256-token
+#   cells by up to 0.09 while their A/A pairs read 0.021 and 0.005 (README, "Benchmark").
+# - Rounds: the spread of every configuration's times over its rounds (pooled), turned into two standard errors
+#   of a ratio of two medians (see rounds_band): what the medians of that many rounds can resolve.
 TIMED_TARGETS = ("step_vs_straightforward", "adapter_vs_straightforward", "delta_weight_vs_straightforward",
                  "delta_weight_vs_copy")
 SHORT_NAMES = dict(step_vs_straightforward="step", adapter_vs_straightforward="adapter",
                    delta_weight_vs_straightforward="ΔW×sf", delta_weight_vs_copy="ΔW/copy", memory_vs_lora="mem")
 
 
+def configuration_rounds(entries: list[dict], field: str) -> list[list[float]]:
+    """Each configuration's times over its rounds (``field``: step_s_all or adapter_s_all) in a layer benchmark's
+    entries; the bare layer, repeated per rank, counts once."""
+    rounds = {}
+    for e in entries:
+        if e.get(field):
+            rank = None if e["method"].startswith("bare") else e["rank"]
+            rounds[(e["shape"], e["tokens"], rank, e["method"])] = e[field]
+    return list(rounds.values())
+
+
+def rounds_band(rounds: list[list[float]]) -> float:
+    """Two standard errors of the ratio of two medians, from the pooled spread of configurations' rounds.
+
+    σ² is the mean over configurations of the variance of log time across rounds. A median of R draws has
+    standard error ≈ √(π/2)·σ/√R (normal draws), and the log-ratio of two independent medians √2 times that.
+    Configurations of one round carry no spread and are left out; 0.0 when none is left.
+    """
+    rounds = [times for times in rounds if len(times) >= 2]
+    if not rounds:
+        return 0.0
+    sigma = math.sqrt(statistics.mean(statistics.variance([math.log(t) for t in times]) for times in rounds))
+    fewest = min(len(times) for times in rounds)
+    return 2 * math.sqrt(2) * math.sqrt(math.pi / 2) * sigma / math.sqrt(fewest)
+
+
 def noise_bands(result: dict) -> dict[str, float]:
-    """{timed target: its A/A band} of one run (results from before the adapter timing have no adapter band)."""
-    noise = result["noise"]
-    step, adapter = noise["max_abs_deviation"] or 0.0, noise.get("adapter_max_abs_deviation") or 0.0
+    """{timed target: its band} of one run: the wider of the A/A deviation and :func:`rounds_band`.
+
+    Steps and ΔW builds take the steps' band, the adapters alone their own (results from before the adapter
+    timing have no adapter band; ΔW rounds are not kept, and ΔW's margins are wide).
+    """
+    noise, entries = result["noise"], result.get("entries", [])
+    step = max(noise["max_abs_deviation"] or 0.0, rounds_band(configuration_rounds(entries, "step_s_all")))
+    adapter = max(noise.get("adapter_max_abs_deviation") or 0.0,
+                  rounds_band(configuration_rounds(entries, "adapter_s_all")))
     return {name: adapter if name == "adapter_vs_straightforward" else step for name in TIMED_TARGETS}
 
 
@@ -109,10 +147,13 @@ def adapter_rows(result: dict) -> list[str]:
 
 def adapter_table(result: dict) -> str:
     settings, env, load, noise = result["settings"], result["environment"], result["load_average"], result["noise"]
-    band_text = f"A/A noise band ±{noise['max_abs_deviation']:.3f}"
+    bands = noise_bands(result)
+    band_text = f"noise band ±{bands['step_vs_straightforward']:.3f}"
     if noise.get("adapter_max_abs_deviation") is not None:
-        band_text = (f"A/A noise bands: step ±{noise['max_abs_deviation']:.3f}, adapter alone "
-                     f"±{noise['adapter_max_abs_deviation']:.3f} (median of {settings['adapter_repeats']} rounds)")
+        band_text = (f"noise bands: step ±{bands['step_vs_straightforward']:.3f} (A/A "
+                     f"{noise['max_abs_deviation']:.3f}), adapter alone ±{bands['adapter_vs_straightforward']:.3f}"
+                     " (A/A "
+                     f"{noise['adapter_max_abs_deviation']:.3f}, median of {settings['adapter_repeats']} rounds)")
     header = ["k→d", "T", "r (r̂)", "truncate ×sf", "share ×sf", "decouple ×sf", "rotate ×sf",
               "adapter alone ×sf (trunc. / share / dec. / rot.)", "LoRA ×bare (FLOP)", "share ×bare (FLOP)",
               "rotate ×bare (FLOP)", "mem ×LoRA (max)", "ΔW ×sf (max)", "ΔW / copy (max)", "verdict"]
@@ -129,7 +170,9 @@ def model_table(result: dict) -> str:
     lines = [f"{settings['layers']}-layer LLaMA (hidden {settings['hidden']}, intermediate "
              f"{settings['intermediate']}), all 7 projections adapted, {settings['batch']}×{settings['seq_len']} "
              f"tokens, rank {settings['rank']}, {settings['dtype']}, {env['device_name']}, {result['clock']}, "
-             f"median of {settings['repeats']} interleaved rounds; load average {load['before'][0]} → "
+             f"median of {settings['repeats']} interleaved rounds, noise band "
+             f"±{rounds_band([arm['step_s_all'] for arm in result['arms']]):.3f} (2 SE of a ratio of medians); "
+             f"load average {load['before'][0]} → "
              f"{load['after'][0]} on {env['cpu_count']} cores",
              "", "| arm | step ms | ×bare | ×LoRA |", "|---|---|---|---|"]
     for arm in result["arms"]:

@@ -186,3 +186,28 @@ def test_the_adapters_alone_have_their_own_noise_band():
     assert verdict_text([share], bands) == "tie adapter (within ±0.020)"
     entries, bands = run(adapter_again=1.015 * 1.01)
     assert verdict_text([entries[3]], bands) == "MISS adapter"
+
+
+def test_the_rounds_spread_widens_a_lucky_a_a_band():
+    """One A/A pair is one draw of the noise; the rounds' pooled spread gives two standard errors of a ratio of
+    medians, and the verdicts take the wider. log-times 0, ±0.1 over 3 rounds: σ² pooled over the
+    configurations, band 2·√2·√(π/2)·σ/√3; the bare layer, repeated per rank, counts once, single rounds never."""
+    import math
+
+    from benchmarks.report import configuration_rounds, rounds_band
+
+    spread = [1.0, math.exp(0.1), math.exp(-0.1)]
+    entries = [fake_entry("bare", rank=8), fake_entry("bare", rank=256), fake_entry("bare-again", rank=8),
+               fake_entry("share", rank=8), fake_entry("share-sf", rank=8)]
+    for e in entries:
+        e["step_s_all"] = spread if e["method"] != "bare-again" else [1.0, 1.0, 1.0]
+    entries[4]["step_s_all"] = [1.0]                   # one round: no spread to read
+    # bare (once, not per rank), bare-again, share: (0.01 + 0 + 0.01) / 3, not (0.01·3 + 0) / 4
+    expected = 2 * math.sqrt(2) * math.sqrt(math.pi / 2) * math.sqrt((0.01 + 0 + 0.01) / 3) / math.sqrt(3)
+    assert len(configuration_rounds(entries, "step_s_all")) == 4                 # bare, bare-again, share, share-sf
+    assert rounds_band(configuration_rounds(entries, "step_s_all")) == pytest.approx(expected)
+    assert rounds_band(configuration_rounds(entries, "adapter_s_all")) == 0.0
+    lucky = dict(max_abs_deviation=0.001, adapter_max_abs_deviation=0.3)
+    bands = noise_bands(dict(noise=lucky, entries=entries))
+    assert bands["step_vs_straightforward"] == pytest.approx(expected)   # the rounds' band beats a lucky A/A
+    assert bands["adapter_vs_straightforward"] == 0.3                     # a wide A/A stays
