@@ -14,6 +14,11 @@
    MoRA's rotation (Eq. 9) is "approximately 1.15 times slower than LoRA"; at large rank it uses
    "almost the same time and memory". Peak CUDA memory of one step is measured per arm, each arm
    alone on the device.
+4. **Exactness on the device**: every operator with every layout it admits (Eq. 4, 6 with both group
+   kinds of Appendix B, 8, 9; both paddings), on shapes divisible or not and one LLaMA-2-7B MLP
+   shape: in float64 the device's forward, ΔW and gradient of M equal the CPU's, and after
+   ``merge`` the layer gives what it gave unmerged (Eq. 3); in float32 (no TF32) the same identity
+   to float32 precision.
 
 Writes ``gpu_check.json`` (every measurement, settings, hardware) and ``gpu_check.md`` to
 ``--out``. Without a CUDA device it stops with one line and exit code 1; ``--device cpu --tiny``
@@ -24,6 +29,7 @@ runs every part at toy sizes on the CPU, so the code path is tested without a GP
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import platform
@@ -32,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -85,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each arm before timing")
     parser.add_argument("--rounds", type=int, default=20, help="timed rounds (each arm once per round)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=("tasks", "bench", "whole_model"))
+    parser.add_argument("--skip", nargs="*", default=[], choices=("tasks", "bench", "whole_model", "exactness"))
     parser.add_argument("--out", type=Path, default=REPO / "results" / "gpu_check")
     args = parser.parse_args(argv)
     if args.tiny:
@@ -109,6 +116,8 @@ def main(argv=None) -> int:
         report["bench"] = adapter_benchmark(args)
     if "whole_model" not in args.skip:
         report["whole_model"] = whole_model_comparison(args)
+    if "exactness" not in args.skip:
+        report["exactness"] = exactness(args)
     report["seconds"] = round(time.perf_counter() - start, 1)
     report["passed"] = passed(report)
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2))
@@ -255,13 +264,101 @@ def whole_model_comparison(args: argparse.Namespace) -> dict:
             "rounds": args.rounds, "arms": rows, "ratios": ratios, "ok": True}
 
 
+# ----------------------------------------------------------------------------- 4. exactness on the device
+
+# (k, d, r̂): not divisible either way, divisible, one block (k ≤ r̂), each with every layout; and LLaMA-2-7B's
+# up_proj at r = 8's r̂ with each operator in the official code's layout (its float64 copies are 360 MB each)
+EXACT_SHAPES = [(37, 53, 8), (53, 37, 6), (64, 24, 8), (3, 40, 8)]
+LARGE_EXACT_SHAPE, LARGE_EXACT_LAYOUT = (4096, 11008, 348), ("cyclic", "cyclic", "wrap")
+# largest |a - b| / largest |b| allowed: float64 leaves only summation order; float32 (TF32 off) ~1e-6
+EXACT_TOLERANCE = {"float64": 1e-10, "float32": 1e-4}
+
+
+def layouts() -> list[tuple[str, str, str, str]]:
+    """(operator, compress groups, decompress groups, padding): every layout each operator admits."""
+    from mora.operators import GROUP_KINDS, OPERATORS, PADDINGS
+
+    groups = [(c, d) for c in GROUP_KINDS for d in GROUP_KINDS]
+    return [(op, c, d, pad) for op in OPERATORS for (c, d) in (groups if op == "share" else groups[:1])
+            for pad in PADDINGS]
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+def exactness_case(k: int, d: int, r_hat: int, layout: tuple, device: str) -> dict:
+    """One shape and layout: the device against the CPU (float64) and merged against unmerged (float64, float32)."""
+    from mora.layer import MoRAAdapter, MoRALinear
+
+    generator = torch.Generator().manual_seed(k * 100003 + d * 101 + r_hat)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # r̂ > min(d, k) warns on purpose for the one-block shape
+        cpu = MoRAAdapter(k, d, r_hat, *layout).double()
+    with torch.no_grad():
+        cpu.M.copy_(torch.randn(r_hat, r_hat, generator=generator, dtype=torch.float64))
+    x = torch.randn(2, 3, k, generator=generator, dtype=torch.float64)       # (B, T, k)
+    grad_out = torch.randn(2, 3, d, generator=generator, dtype=torch.float64)
+    base = torch.nn.Linear(k, d, dtype=torch.float64)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(d, k, generator=generator, dtype=torch.float64) / k ** 0.5)
+        base.bias.copy_(torch.randn(d, generator=generator, dtype=torch.float64))
+
+    def forward_and_grad(adapter, inputs):
+        adapter.zero_grad(set_to_none=True)
+        out = adapter(inputs)
+        (out * grad_out.to(out)).sum().backward()
+        return out.detach(), adapter.M.grad.detach()
+
+    errors = {}
+    cpu_out, cpu_grad = forward_and_grad(cpu, x)
+    cpu_delta = cpu.delta_weight().detach()
+    adapter = copy.deepcopy(cpu).to(device)
+    dev_out, dev_grad = forward_and_grad(adapter, x.to(device))
+    errors["forward_vs_cpu"] = relative_error(dev_out, cpu_out)
+    errors["delta_weight_vs_cpu"] = relative_error(adapter.delta_weight(), cpu_delta)
+    errors["grad_M_vs_cpu"] = relative_error(dev_grad, cpu_grad)
+    for dtype in ("float64", "float32"):
+        layer = MoRALinear(copy.deepcopy(base), copy.deepcopy(cpu)).to(device=device, dtype=getattr(torch, dtype))
+        inputs = x.to(device=device, dtype=getattr(torch, dtype))
+        weight = layer.base_layer.weight.detach().clone()
+        with torch.no_grad():
+            unmerged = layer(inputs)
+            layer.merge()
+            merged = layer(inputs)
+            layer.unmerge()
+        errors[f"merged_vs_unmerged_{dtype}"] = relative_error(merged, unmerged)
+        errors[f"unmerge_restores_W0_{dtype}"] = relative_error(layer.base_layer.weight, weight)
+    ok = all(error <= EXACT_TOLERANCE["float32" if name.endswith("float32") else "float64"]
+             for name, error in errors.items())
+    return {"shape": [k, d, r_hat], "layout": "-".join(layout), "errors": errors, "ok": ok}
+
+
+def exactness(args: argparse.Namespace) -> dict:
+    """Every layout on every shape; TF32 off, so float32 products are float32's (restored after)."""
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    start = time.perf_counter()
+    try:
+        plan = [(shape, layout) for shape in EXACT_SHAPES for layout in layouts()]
+        if not args.tiny:
+            plan += [(LARGE_EXACT_SHAPE, layout) for layout in layouts() if layout[1:] == LARGE_EXACT_LAYOUT]
+        cases = [exactness_case(*shape, layout, args.device) for shape, layout in plan]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    worst = {name: max(case["errors"][name] for case in cases) for name in cases[0]["errors"]}
+    return {"tolerance": EXACT_TOLERANCE, "cases": cases, "worst": worst,
+            "seconds": round(time.perf_counter() - start, 1), "ok": all(case["ok"] for case in cases)}
+
+
 # ----------------------------------------------------------------------------- report
 
 def passed(report: dict) -> bool:
     """Every part ran: the task runs completed with finite losses and the benchmark exited 0. The
     step-time ratios are measurements, reported beside the paper's claim, not pass/fail."""
     return (all(row["ok"] for row in report.get("tasks", []))
-            and report.get("bench", {}).get("ok", True) and report.get("whole_model", {}).get("ok", True))
+            and all(report.get(part, {}).get("ok", True) for part in ("bench", "whole_model", "exactness")))
 
 
 def markdown(report: dict) -> str:
@@ -295,6 +392,20 @@ def markdown(report: dict) -> str:
         lines += [f"| {r['mora']} / {r['lora']} | {r['step_time_ratio']}x | {r['memory_ratio']} | "
                   f"{'<= %sx' % r['paper_at_most'] if r['paper_at_most'] else 'almost the same'} |"
                   for r in whole["ratios"]]
+    if "exactness" in report:
+        exact = report["exactness"]
+        shapes = sorted({tuple(case["shape"]) for case in exact["cases"]})
+        lines += ["", "## Exactness on the device (largest |a - b| / largest |b| over the shapes)", "",
+                  f"Shapes (k, d, r̂): {', '.join(map(str, shapes))}; tolerance float64 "
+                  f"{exact['tolerance']['float64']:g}, float32 {exact['tolerance']['float32']:g}; "
+                  f"{exact['seconds']} s.", "",
+                  "| layout | " + " | ".join(exact["worst"]) + " | ok |",
+                  "|---|" + "---|" * (len(exact["worst"]) + 1)]
+        for layout in dict.fromkeys(case["layout"] for case in exact["cases"]):
+            mine = [case for case in exact["cases"] if case["layout"] == layout]
+            lines.append(f"| {layout} | " + " | ".join(f"{max(c['errors'][name] for c in mine):.1e}"
+                                                      for name in exact["worst"])
+                         + f" | {all(c['ok'] for c in mine)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -79,6 +79,27 @@ def test_whole_model_arms_are_timed_side_by_side(dry_run):
     assert "| mora r=2 rotate / lora r=2 |" in markdown and "<= 1.15x" in markdown
 
 
+def test_exactness_covers_every_operator_layout_and_holds(dry_run):
+    report, markdown = dry_run
+    exact = report["exactness"]
+    layouts = {case["layout"] for case in exact["cases"]}
+    # truncate, decouple, rotate: 2 paddings each; share: 2 x 2 group kinds x 2 paddings
+    assert len(layouts) == 14 and {"share-block-cyclic-zero", "rotate-cyclic-cyclic-wrap"} <= layouts
+    assert len(exact["cases"]) == 14 * len(gpu_check.EXACT_SHAPES) and exact["ok"]
+    assert exact["worst"]["merged_vs_unmerged_float64"] < 1e-12  # Eq. 3, float64
+    assert "| share-block-block-wrap |" in markdown
+
+
+def test_exactness_catches_a_merge_that_is_off_by_a_little(monkeypatch):
+    from mora.layer import MoRAAdapter
+
+    delta_weight = MoRAAdapter.delta_weight
+    monkeypatch.setattr(MoRAAdapter, "delta_weight", lambda self: delta_weight(self) * (1 + 1e-7))
+    case = gpu_check.exactness_case(37, 53, 8, ("share", "cyclic", "cyclic", "wrap"), "cpu")
+    assert not case["ok"] and case["errors"]["merged_vs_unmerged_float64"] > 1e-10
+    assert case["errors"]["merged_vs_unmerged_float32"] < 1e-4  # too small for float32 to see
+
+
 def test_the_benchmark_command_uses_only_options_the_benchmark_has(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(gpu_check.subprocess, "run", lambda command, **kwargs: calls.append(command) or
