@@ -118,7 +118,9 @@ def padded_slice(x: torch.Tensor, start: int, length: int, padding: str) -> torc
     n_pad = length - inside.shape[-1]
     if n_pad == 0:
         return inside
-    if padding == "wrap":  # x̃_p = x_{p mod k}: may wrap more than once when k is small
+    if padding == "wrap" and start + length <= 2 * k:  # one wrap: x̃_p = x_{p − k}, a slice (no index kernels)
+        pad = x[..., max(start, k) - k:start + length - k]
+    elif padding == "wrap":  # x̃_p = x_{p mod k}: wraps more than once when k is small
         src = torch.arange(max(start, k), start + length, device=x.device) % k
         pad = x.index_select(-1, src)
     else:
@@ -153,8 +155,24 @@ def block_groups(n_features: int, r_hat: int) -> torch.Tensor:
     return torch.where(j < n_big, j // (q + 1), m + (j - n_big) // max(q, 1))
 
 
+# How the operators are differentiated on a GPU: "functions" (this module's autograd.Functions, whose Python
+# backward avoids the whole-output clones and saved copies of torch's own: the choice on a CPU, where a step
+# is memory traffic) or "plain" (torch's own backward of the same forward ops: no Python in the backward,
+# which a GPU step of one projection, launch- and host-bound, may prefer). `make bench` on CUDA times both
+# (bench_adapters.py --gpu-autograd).
+GPU_AUTOGRAD = "functions"
+GPU_AUTOGRAD_CHOICES = ("functions", "plain")
+
+
+def _plain_autograd(t: torch.Tensor) -> bool:
+    """Differentiate through torch's own backward (see GPU_AUTOGRAD)."""
+    return t.is_cuda and GPU_AUTOGRAD == "plain"
+
+
 def compress_cyclic(x: torch.Tensor, r_hat: int, padding: str) -> torch.Tensor:
     """(..., k) -> (..., r̂): c_i = Σ_{p ≡ i mod r̂} x̃_p over the padded length ⌈k/r̂⌉·r̂ (Eq. 6)."""
+    if _plain_autograd(x):
+        return _compress_cyclic(x, r_hat, padding)
     return _CompressCyclic.apply(x, r_hat, padding)
 
 
@@ -206,7 +224,7 @@ def add_periodic(out: torch.Tensor, z: torch.Tensor, offset: int, period: int) -
     ``out`` (CopySlices) clones the whole output gradient for every add; here ∂out passes
     through untouched and ∂z is a sum of strided views of it.
     """
-    if not (torch.is_grad_enabled() and (out.requires_grad or z.requires_grad)):
+    if not (torch.is_grad_enabled() and (out.requires_grad or z.requires_grad)) or _plain_autograd(z):
         return _add_periodic(out, z, offset, period)
     return _AddPeriodic.apply(out, z, offset, period)
 
@@ -226,25 +244,25 @@ class _AddPeriodic(torch.autograd.Function):
 
 
 def _sum_periodic(grad_out: torch.Tensor, z_shape: torch.Size, offset: int, period: int) -> torch.Tensor:
-    """Adjoint of _add_periodic: ∂z = Σ over the tiles of ∂out that z was added into."""
+    """Adjoint of _add_periodic: ∂z = Σ over the tiles of ∂out that z was added into.
+
+    ∂z is built flat over its blocks, so the whole tiles are one reduction and the last, partial tile one
+    add: two kernels whatever the shape (a GPU step at these sizes costs per kernel launched).
+    """
     d = grad_out.shape[-1]
     n_blocks, block = z_shape[-2:]
     span = n_blocks * block
     n_full, rem = divmod(d, period)
-    lead = grad_out.shape[:-1]
-    grad_z = grad_out.new_zeros(*lead, n_blocks, block)
     if n_full:
         tiles = grad_out[..., :n_full * period].unflatten(-1, (n_full, period))
-        grad_z += tiles[..., offset:offset + span].unflatten(-1, (n_blocks, block)).sum(-3)
+        grad_z = tiles[..., offset:offset + span].sum(-2)                          # (..., span), a new tensor
+    else:
+        grad_z = grad_out.new_zeros(*grad_out.shape[:-1], span)
     width = min(span, rem - offset)
     if width > 0:
         start = n_full * period + offset
-        whole, part = divmod(width, block)
-        if whole:
-            grad_z[..., :whole, :] += grad_out[..., start:start + whole * block].unflatten(-1, (whole, block))
-        if part:
-            grad_z[..., whole, :part] += grad_out[..., start + whole * block:start + width]
-    return grad_z.sum_to_size(z_shape)
+        grad_z[..., :width] += grad_out[..., start:start + width]
+    return grad_z.unflatten(-1, (n_blocks, block)).sum_to_size(z_shape)
 
 
 def _add_periodic(out: torch.Tensor, z: torch.Tensor, offset: int, period: int) -> torch.Tensor:
@@ -264,6 +282,9 @@ def _add_periodic(out: torch.Tensor, z: torch.Tensor, offset: int, period: int) 
     width = min(span, rem - offset)  # the last, partial tile
     if width > 0:
         start = n_full * period + offset
+        if z.stride(-1) == 1 and (n_blocks == 1 or z.stride(-2) == block):  # blocks back to back: one add
+            out[..., start:start + width].add_(z.flatten(-2)[..., :width])
+            return out
         whole, part = divmod(width, block)
         if whole:
             out[..., start:start + whole * block].unflatten(-1, (whole, block)).add_(z[..., :whole, :])
@@ -376,7 +397,23 @@ def _add_blockwise(out: torch.Tensor, x: torch.Tensor, M: torch.Tensor, layout: 
     """decouple/rotate: out += concat_i(P^i x̃_i) truncated or tiled to d (Eq. 8–9); see _AddBlockwise."""
     if not (torch.is_grad_enabled() and (out.requires_grad or x.requires_grad or M.requires_grad)):
         return _blockwise_update(out, x, M, layout, cos, sin)
+    if _plain_autograd(x):
+        return _blockwise_update_plain(out, x, M, layout, cos, sin)
     return _AddBlockwise.apply(out, x, M, cos, sin, layout)
+
+
+def _blockwise_update_plain(out: torch.Tensor, x: torch.Tensor, M: torch.Tensor, layout: MoRALayout,
+                            cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
+    """_AddBlockwise's shared-matrix forward in differentiable ops (GPU_AUTOGRAD = "plain"): the padded
+    blocks (one cat), rotated out of place, one GEMM with M, added into out; torch saves the blocks."""
+    r, n = layout.r_hat, layout.n_used_blocks
+    blocks = padded_slice(x.reshape(-1, layout.in_features), 0, n * r, layout.padding).unflatten(-1, (n, r))
+    if layout.operator == "rotate":  # R_i v = v cos + (−v_{t+h}, v_t) sin, the tables' precision, rounded once
+        h = r // 2
+        swapped = torch.cat([-blocks[..., h:], blocks[..., :h]], dim=-1)
+        blocks = (blocks * cos[:n] + swapped * sin[:n]).to(blocks.dtype)
+    z = (blocks @ M.T).view(*x.shape[:-1], n, r)                                    # (..., n, r̂)
+    return _add_periodic(out, z.to(out.dtype), 0, layout.n_blocks * r)
 
 
 class _AddBlockwise(torch.autograd.Function):
@@ -400,7 +437,7 @@ class _AddBlockwise(torch.autograd.Function):
         ctx.mark_dirty(out)
         ctx.save_for_backward(x, M, cos, sin)
         ctx.layout = layout
-        ctx.shared_matrix = _shared_matrix(layout, x.numel() // layout.in_features)
+        ctx.shared_matrix = _shared_matrix(layout, x.numel() // layout.in_features, x.is_cuda)
         return _blockwise_update(out, x, M, layout, cos, sin)
 
     @staticmethod
@@ -439,7 +476,7 @@ def _blockwise_update(out: torch.Tensor, x: torch.Tensor, M: torch.Tensor, layou
     """The forward of _AddBlockwise: the one M on all input blocks (decouple; rotate with the inputs
     rotated) or the stack of block matrices (rotate, M rotated), whichever is cheaper."""
     x2 = x.reshape(-1, layout.in_features)                                         # (T, k)
-    if not _shared_matrix(layout, x2.shape[0]):
+    if not _shared_matrix(layout, x2.shape[0], x2.is_cuda):
         return _blockwise_forward(out, x, _block_matrices(M, layout, cos, sin), layout)
     a = _input_blocks(x2, layout, *_tables(layout, cos, sin)).flatten(0, 1)        # (T·n, r̂)
     if _covers_output(out, layout) and out.dtype == a.dtype:
@@ -459,9 +496,14 @@ def _rotate_inputs(layout: MoRALayout, n_tokens: int) -> bool:
     return layout.operator == "rotate" and n_tokens <= layout.r_hat
 
 
-def _shared_matrix(layout: MoRALayout, n_tokens: int) -> bool:
+def _shared_matrix(layout: MoRALayout, n_tokens: int, on_gpu: bool = False) -> bool:
     """One GEMM of all input blocks with M (see _AddBlockwise): rotation when it rotates the inputs;
-    decoupling when its blocks are x itself or the step has at most r̂ tokens."""
+    decoupling when its blocks are x itself or the step has at most r̂ tokens. Always on a GPU: there a
+    step of one projection is launch-bound (an H200 multiplies 4096×4096 by 2,048 bfloat16 tokens in
+    tens of microseconds), the copy of the blocks is cheap, and the shared matrix launches the fewest
+    kernels (benchmarks/count_ops.py)."""
+    if on_gpu:
+        return True
     if layout.operator == "rotate":
         return _rotate_inputs(layout, n_tokens)
     return layout.n_used_blocks * layout.r_hat == layout.in_features or n_tokens <= layout.r_hat
@@ -495,24 +537,13 @@ def _input_blocks(x2: torch.Tensor, layout: MoRALayout, cos: torch.Tensor | None
                   sin: torch.Tensor | None = None) -> torch.Tensor:
     """a_i = R_i x̃_i over the used blocks (Eq. 10; x̃_i itself without tables), (T, n, r̂).
 
-    Unrotated blocks that lie wholly inside x are a view of it (contiguous when they span x's
-    rows); otherwise one pass writes a contiguous copy, the padded last block included.
+    Blocks that lie wholly inside x are a view of it (contiguous when they span x's rows); a padded last
+    block makes x̃ one copy (one cat), and rotation is one pass over all blocks: few kernels, which is
+    what a GPU step at these sizes pays for.
     """
-    r, n, n_full = layout.r_hat, layout.n_used_blocks, _full_blocks(layout)
-    if cos is None and n == n_full:
-        return x2[:, :n * r].unflatten(-1, (n, r))
-    a = x2.new_empty(x2.shape[0], n, r)
-    spans = []                                                                      # (first, end, blocks)
-    if n_full:
-        spans.append((0, n_full, x2[:, :n_full * r].unflatten(-1, (n_full, r))))
-    if n > n_full:
-        spans.append((n_full, n, padded_slice(x2, n_full * r, r, layout.padding).unsqueeze(-2)))  # (T, 1, r̂)
-    for first, end, blocks in spans:
-        if cos is None:
-            a[:, first:end] = blocks
-        else:
-            _rotate(blocks, cos[first:end], sin[first:end], out=a[:, first:end])
-    return a
+    r, n = layout.r_hat, layout.n_used_blocks
+    blocks = padded_slice(x2, 0, n * r, layout.padding).unflatten(-1, (n, r))        # (T, n, r̂)
+    return blocks if cos is None else _rotate(blocks, cos[:n], sin[:n])
 
 
 def _blockwise_forward(out: torch.Tensor, x: torch.Tensor, P: torch.Tensor, layout: MoRALayout) -> torch.Tensor:
@@ -539,23 +570,35 @@ def _blocks_to_columns(g: torch.Tensor, layout: MoRALayout, cos: torch.Tensor | 
     """(T, n, r̂) gradients of the used (padded) blocks -> ∂x (T, k), rotated back by R_iᵀ when
     given the tables; the padded part folded onto the inputs it copies, zero past the used blocks."""
     r, k, n = layout.r_hat, layout.in_features, layout.n_used_blocks
+    if cos is not None:
+        g = _rotate(g, cos[:n], sin[:n], transpose=True)
+    if not g.is_contiguous():  # the stack's blocks (a transposed view): copied once, straight into ∂x
+        return _strided_blocks_to_columns(g, layout)
+    flat = g.view(g.shape[0], n * r)                                                 # (T, n·r̂)
+    if n * r < k:  # inputs past the used blocks never reach the output
+        return torch.nn.functional.pad(flat, (0, k - n * r))
+    if n * r == k:
+        return flat if flat.is_contiguous() else flat.contiguous()
+    grad_x = flat[:, :k].contiguous()
+    if layout.padding == "wrap":  # padded position p reads x_{p mod k}
+        add_wrapped(grad_x, flat[:, k:])
+    return grad_x
+
+
+def _strided_blocks_to_columns(g: torch.Tensor, layout: MoRALayout) -> torch.Tensor:
+    """_blocks_to_columns of unrotated blocks given as a strided view: full blocks and the padded tail
+    copied into ∂x directly (a contiguous copy first would move T·k entries twice)."""
+    r, k, n = layout.r_hat, layout.in_features, layout.n_used_blocks
     n_full = _full_blocks(layout)
     grad_x = g.new_empty(g.shape[0], k)
-    full = grad_x[:, :n_full * r].unflatten(-1, (n_full, r))                        # (T, n_full, r̂) view
-    if cos is None:
-        full.copy_(g[:, :n_full])
-    else:
-        _rotate(g[:, :n_full], cos[:n_full], sin[:n_full], transpose=True, out=full)
+    grad_x[:, :n_full * r].unflatten(-1, (n_full, r)).copy_(g[:, :n_full])
     if n == n_full:
         grad_x[:, n_full * r:].zero_()  # inputs past the used blocks never reach the output
         return grad_x
-    tail = g[:, n_full]                                                             # (T, r̂)
-    if cos is not None:
-        tail = _rotate(g[:, n_full:n], cos[n_full:n], sin[n_full:n], transpose=True)[:, 0]
     inside = k - n_full * r
-    grad_x[:, n_full * r:] = tail[:, :inside]
+    grad_x[:, n_full * r:] = g[:, n_full, :inside]
     if layout.padding == "wrap":  # padded position p reads x_{p mod k}
-        add_wrapped(grad_x, tail[:, inside:])
+        add_wrapped(grad_x, g[:, n_full, inside:])
     return grad_x
 
 
@@ -582,7 +625,10 @@ def mora_delta_weight(M: torch.Tensor, layout: MoRALayout, cos: torch.Tensor | N
         delta_padded[:rows] = M[:rows]
         return fold_padded_columns(delta_padded, k, layout.padding)
     if layout.operator == "share":  # Eq. 7: ΔW_ij = M[g'(i), g(j)]
-        rows = M[_output_groups(layout).to(M.device)]                     # (d, r̂)
+        if layout.decompress_groups == "cyclic":                          # row i is M's row i mod r̂
+            rows = M.repeat(math.ceil(d / r), 1)[:d]                      # (d, r̂)
+        else:
+            rows = M[block_groups(d, r).to(M.device)]
         if layout.compress_groups == "block":
             return rows[:, block_groups(k, r).to(M.device)]
         return tile_columns(rows, k, layout.padding)
@@ -605,11 +651,6 @@ def tile_columns(rows: torch.Tensor, k: int, padding: str) -> torch.Tensor:
         if padding == "wrap":  # padded positions q·r̂+rem … read feature p mod k, group p mod r̂
             add_wrapped(delta, rows[:, rem:])
     return delta
-
-
-def _output_groups(layout: MoRALayout) -> torch.Tensor:
-    d, r = layout.out_features, layout.r_hat
-    return torch.arange(d) % r if layout.decompress_groups == "cyclic" else block_groups(d, r)
 
 
 def _blockwise_delta_weight(M: torch.Tensor, layout: MoRALayout, cos: torch.Tensor | None,

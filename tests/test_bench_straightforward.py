@@ -84,6 +84,8 @@ def test_both_blockwise_strategies_are_exercised():
     assert _shared_matrix(decouple.mora.layout, 3) and not _shared_matrix(decouple.mora.layout, 40)
     exact, _ = layer_pair(32, 32, 8, "decouple")  # blocks are x itself: shared at any T
     assert _shared_matrix(exact.mora.layout, 40)
+    # on a GPU (launch-bound) the shared matrix at any T: the path the tests above run at T ≤ r̂
+    assert _shared_matrix(rotate.mora.layout, 40, on_gpu=True) and _shared_matrix(decouple.mora.layout, 40, on_gpu=True)
 
 
 @pytest.mark.parametrize("operator", ["decouple", "rotate"])

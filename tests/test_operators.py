@@ -277,3 +277,25 @@ def test_rotated_blocks_into_a_narrower_strided_out_round_once_as_the_whole_matr
     for b in range(n_blocks):
         untouched[b * r_hat:(b + 1) * r_hat, b * r_hat:(b + 1) * r_hat] = False
     assert bool((delta[untouched] == 7.0).all())
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: "-".join(l))
+@pytest.mark.parametrize("k,d,r_hat", ODD_SHAPES)
+def test_plain_autograd_path_equals_the_functions(k, d, r_hat, layout, monkeypatch):
+    """GPU_AUTOGRAD = "plain" (torch's own backward; taken on CUDA only) gives the functions' output and
+    gradients of x and M: run here on the CPU by forcing the switch."""
+    import mora.operators as operators
+
+    if r_hat * r_hat > k * d:
+        pytest.skip("M larger than W is rejected by design")
+    adapter = random_adapter(k, d, r_hat, layout)
+    x = torch.randn(2, 3, k, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, d, dtype=torch.float64)
+    results = []
+    for plain in (False, True):
+        monkeypatch.setattr(operators, "_plain_autograd", lambda t, plain=plain: plain)
+        out = adapter(x)
+        results.append((out, *torch.autograd.grad(out, (x, adapter.M), g)))
+    tol = dict(rtol=1e-6, atol=1e-6) if layout[0] == "rotate" else dict(rtol=1e-12, atol=1e-12)
+    for functions, plain in zip(*results):
+        torch.testing.assert_close(plain, functions, **tol)
