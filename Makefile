@@ -59,8 +59,15 @@ bench-model: $(STAMP)
 	$(PY) benchmarks/bench_model.py --out results/bench/model.json
 	$(PY) benchmarks/report.py results/bench/model.json
 
+## kernels per call, counted not timed: aten operators (each a kernel on a GPU), host syncs and, on CUDA, the
+## kernels launched, for every adapter's step, adapter alone and ΔW build at LLaMA-2-7B shapes (results/bench/)
+.PHONY: count-ops
+count-ops: $(STAMP)
+	$(PY) benchmarks/count_ops.py --out results/bench/count_ops.json
+
 ## the GPU code path in one script (minutes, no downloads): every task kind in float32 and bfloat16, the adapter
-## benchmark, MoRA vs LoRA whole-model step time and peak memory at LLaMA-2-7B shape (results/gpu_check/);
+## benchmark, MoRA vs LoRA whole-model step time and peak memory at LLaMA-2-7B shape, every operator's exactness on
+## the device (results/gpu_check/; measured on an H200: docs/gpu.md);
 ## without a GPU it stops at once (the CPU dry run: experiments/gpu_check.py --device cpu --tiny)
 gpu-check: $(STAMP)
 	$(PY) experiments/gpu_check.py

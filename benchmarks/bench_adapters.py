@@ -66,6 +66,7 @@ from benchmarks.straightforward import StraightforwardMoRA  # noqa: E402
 from benchmarks.report import (configuration_rounds, noise_bands, overall_verdict, rounds_band,  # noqa: E402
                                verdict_text)
 from mora.layer import MoRAAdapter, MoRALinear  # noqa: E402
+from mora import operators  # noqa: E402
 from mora.operators import OPERATORS  # noqa: E402
 
 LLAMA2_7B_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))  # (k, d): q/k/v/o, up/gate, down
@@ -131,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated LoRA-equivalent ranks; default: 8,256")
     parser.add_argument("--out", type=Path, default=Path("results/bench/adapters.json"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gpu-autograd", choices=operators.GPU_AUTOGRAD_CHOICES, default=operators.GPU_AUTOGRAD,
+                        help="how MoRA is differentiated on CUDA (mora/operators.py, GPU_AUTOGRAD); no effect on a CPU")
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes, ranks 8,32, 64 and 256 tokens, one round: a smoke test")
     return parser
@@ -143,7 +146,7 @@ def resolve_settings(args: argparse.Namespace) -> dict:
                     delta_repeats=args.delta_repeats, adapter_repeats=args.adapter_repeats, threads=args.threads,
                     device=device, dtype=args.dtype,
                     shapes=args.shapes or list(LLAMA2_7B_SHAPES), ranks=args.ranks or [8, 256],
-                    seed=args.seed, quick=args.quick, out=str(args.out))
+                    seed=args.seed, quick=args.quick, out=str(args.out), gpu_autograd=args.gpu_autograd)
     if args.quick:
         settings.update(tokens=[64, 256], repeats=1, delta_repeats=1, adapter_repeats=1, shapes=list(QUICK_SHAPES),
                         ranks=[8, 32])
@@ -539,6 +542,7 @@ def progress_total(settings: dict) -> int:
 def run(settings: dict) -> dict:
     """Benchmark every shape; returns the JSON-ready result (entries carry ratios and verdicts)."""
     torch.manual_seed(settings["seed"])
+    operators.GPU_AUTOGRAD = settings.get("gpu_autograd", operators.GPU_AUTOGRAD)
     if settings["device"] == "cpu":
         torch.set_num_threads(settings["threads"])
     rng = random.Random(settings["seed"])
@@ -564,6 +568,7 @@ def main(argv: list[str] | None = None) -> dict:
     env, load = result["environment"], result["load_average"]
     print(f"device={env['device_name']} threads={env['num_threads']} torch={env['torch_version']} "
           f"dtype={settings['dtype']} tokens={settings['tokens']} repeats={settings['repeats']} "
+          f"gpu_autograd={settings['gpu_autograd']} "
           f"load={load['before']}→{load['after']} wall={result['wall_time_s']:.1f}s")
     out = Path(settings["out"])
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, for benchmarks/ (not installed)
 from benchmarks.bench_adapters import environment, load_average  # noqa: E402
 from benchmarks.report import rounds_band  # noqa: E402
+from mora import operators  # noqa: E402
 from mora.adapters import AdapterConfig, build_optimizer, inject_adapters  # noqa: E402
 
 ARMS = (("bare", None, None), ("LoRA", "lora", None), ("MoRA share", "mora", "share"),
@@ -52,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results/bench/model.json"))
+    parser.add_argument("--gpu-autograd", choices=operators.GPU_AUTOGRAD_CHOICES, default=operators.GPU_AUTOGRAD,
+                        help="how MoRA is differentiated on CUDA (mora/operators.py, GPU_AUTOGRAD); no effect on a CPU")
     parser.add_argument("--quick", action="store_true", help="2 tiny layers, 2 rounds: a smoke test")
     return parser
 
@@ -115,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     settings["device"] = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    operators.GPU_AUTOGRAD = settings["gpu_autograd"]
     if args.quick:
         settings.update(layers=2, hidden=64, intermediate=172, heads=4, vocab=128, batch=2, seq_len=16,
                         repeats=2, warmup=1)

@@ -158,11 +158,18 @@ def adapter_table(result: dict) -> str:
               "adapter alone ×sf (trunc. / share / dec. / rot.)", "LoRA ×bare (FLOP)", "share ×bare (FLOP)",
               "rotate ×bare (FLOP)", "mem ×LoRA (max)", "ΔW ×sf (max)", "ΔW / copy (max)", "verdict"]
     lines = [f"**{settings['dtype']}**, {settings['device']} ({env['device_name']}, {env['num_threads']} thread), "
-             f"{result['clock']}, median of {settings['repeats']} interleaved rounds; {band_text}; "
+             f"{result['clock']}, median of {settings['repeats']} interleaved rounds; {autograd_text(settings)}"
+             f"{band_text}; "
              f"load average {load['before'][0]} → {load['after'][0]} on {env['cpu_count']} cores; "
              f"all targets met: **{overall_verdict(result)}**",
              "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *adapter_rows(result)]
     return "\n".join(lines)
+
+
+def autograd_text(settings: dict) -> str:
+    """On CUDA, how MoRA was differentiated (mora/operators.py, GPU_AUTOGRAD), where the run recorded it."""
+    mode = settings.get("gpu_autograd")
+    return f"MoRA's backward: `{mode}`; " if settings.get("device") == "cuda" and mode else ""
 
 
 def model_table(result: dict) -> str:
@@ -170,6 +177,7 @@ def model_table(result: dict) -> str:
     lines = [f"{settings['layers']}-layer LLaMA (hidden {settings['hidden']}, intermediate "
              f"{settings['intermediate']}), all 7 projections adapted, {settings['batch']}×{settings['seq_len']} "
              f"tokens, rank {settings['rank']}, {settings['dtype']}, {env['device_name']}, {result['clock']}, "
+             f"{autograd_text(settings)}"
              f"median of {settings['repeats']} interleaved rounds, noise band "
              f"±{rounds_band([arm['step_s_all'] for arm in result['arms']]):.3f} (2 SE of a ratio of medians); "
              f"load average {load['before'][0]} → "

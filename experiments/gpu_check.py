@@ -94,6 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=20, help="timed rounds (each arm once per round)")
     parser.add_argument("--skip", nargs="*", default=[], choices=("tasks", "bench", "whole_model", "exactness"))
     parser.add_argument("--out", type=Path, default=REPO / "results" / "gpu_check")
+    parser.add_argument("--gpu-autograd", choices=("functions", "plain"), default=None,
+                        help="how MoRA is differentiated on CUDA (mora/operators.py, GPU_AUTOGRAD); default: its own")
     args = parser.parse_args(argv)
     if args.tiny:
         args.layers, args.batch, args.seq_len, args.warmup, args.rounds = 2, 2, 32, 1, 3
@@ -106,6 +108,9 @@ def main(argv=None) -> int:
         print("gpu-check: no GPU (torch.cuda.is_available() is False); nothing was run. "
               "The dry run on the CPU: python experiments/gpu_check.py --device cpu --tiny", file=sys.stderr)
         return 1
+    if args.gpu_autograd:
+        from mora import operators
+        operators.GPU_AUTOGRAD = args.gpu_autograd
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "hardware": hardware(args.device)}

@@ -20,6 +20,19 @@ def test_readme_tables_are_rendered_from_the_measured_json():
         "README's benchmark tables differ from benchmarks/measured/: python benchmarks/report.py"
 
 
+def test_the_gpu_tables_are_rendered_from_the_measured_cuda_json():
+    """docs/gpu.md's tables come from benchmarks/measured/cuda/ (H200 runs), each saying how MoRA was differentiated."""
+    folder = README.parent / "benchmarks" / "measured" / "cuda"
+    results = report.measured_results(folder)
+    assert {r["settings"]["device"] for r in results} == {"cuda"} and len(results) == 6
+    doc = README.parent / "docs" / "gpu.md"
+    text = doc.read_text()
+    assert report.replace_blocks(text, report.render(results)) == text, \
+        "docs/gpu.md differs from benchmarks/measured/cuda/: python benchmarks/report.py --snapshot " \
+        "benchmarks/measured/cuda --readme docs/gpu.md"
+    assert text.count("MoRA's backward: `plain`") == 3 and text.count("MoRA's backward: `functions`") == 2
+
+
 def test_every_measured_result_has_the_schema_the_tables_read():
     for result in report.measured_results():
         assert {"settings", "environment", "clock", "load_average"} <= set(result)

@@ -46,3 +46,26 @@ def test_quick_model_benchmark(tmp_path):
     assert result["arms"][0]["vs_bare"] == 1.0 and result["arms"][0]["trainable_params"] == 0
     assert all(a["step_s"] > 0 and a["trainable_params"] > 0 for a in result["arms"][1:])
     assert "| MoRA rotate |" in report.model_table(result)
+
+
+def test_operator_counts_are_the_dispatched_kernels(tmp_path):
+    """count_ops: the bare layer's step is its two GEMMs, our sharing launches fewer than the straightforward one
+    where r̂ divides k (r = 8 at 256→256: r̂ = 64), no adapter waits for the device."""
+    from benchmarks import count_ops
+
+    result = count_ops.main(["--shapes", "256x256", "--ranks", "8", "--tokens", "16", "--out", str(tmp_path / "c.json")])
+    rows = {(row["rank"], row["method"]): row for row in result["rows"]}
+    assert rows[(None, "bare")]["step"]["by_op"] == {"mm": 2}   # forward W x, backward ∂x = ∂y W (W frozen)
+    assert all(row["step"]["host_syncs"] == 0 for row in rows.values())
+    assert rows[(8, "share")]["step"]["ops"] < rows[(8, "share-sf")]["step"]["ops"]
+    assert {"adapter", "delta_weight"} <= set(rows[(8, "rotate")])
+
+
+def test_operator_ab_against_a_revision_runs_both(tmp_path):
+    """ab_operators: the working tree's operators against HEAD's, one ratio per configuration."""
+    from benchmarks import ab_operators
+
+    result = ab_operators.main(["--rev", "HEAD", "--shapes", "64x96", "--ranks", "2", "--tokens", "16", "--rounds",
+                                "1", "--out", str(tmp_path / "ab.json")])
+    assert [row["operator"] for row in result["rows"]] == ["truncate", "share", "decouple", "rotate"]
+    assert all(row["ratio"] > 0 and len(row["times"]["rev"]) == 1 for row in result["rows"])
