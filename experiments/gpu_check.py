@@ -94,7 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=20, help="timed rounds (each arm once per round)")
     parser.add_argument("--skip", nargs="*", default=[], choices=("tasks", "bench", "whole_model", "exactness"))
     parser.add_argument("--out", type=Path, default=REPO / "results" / "gpu_check")
-    parser.add_argument("--gpu-autograd", choices=("functions", "plain"), default=None,
+    from mora.operators import GPU_AUTOGRAD_CHOICES  # torch alone: light
+
+    parser.add_argument("--gpu-autograd", choices=GPU_AUTOGRAD_CHOICES, default=None,
                         help="how MoRA is differentiated on CUDA (mora/operators.py, GPU_AUTOGRAD); default: its own")
     args = parser.parse_args(argv)
     if args.tiny:
