@@ -197,10 +197,16 @@ c4-tokens-sweep: table3 c4-tokens-sweep-short c4-tokens-sweep-long
 	$(C4_TOKENS_REPORT)
 
 ## C4 calibration (docs/calibration.md, Amendment 5): FFT and LoRA only, seed 0, on the x2 ladder of learning
-## rates, into results/runs/ (Table 3 reuses them); reports/calibration_c4/c4_calibration.md
-CAL_C4_LR ?= 5e-4,1e-3,2e-3,4e-3,8e-3
-calibrate-c4: $(STAMP)
-	$(FINETUNE) experiment=pretrain_c4 method=fft,lora lr=$(CAL_C4_LR) seed=0
+## rates, into results/runs/ (Table 3 reuses them); reports/calibration_c4/c4_calibration.md. In one part per
+## baseline for the 30-min wall clock (issue 12): calibrate-c4-fft, calibrate-c4-lora (5 runs each), each writing
+## the report of the runs so far; calibrate-c4 runs both
+CAL_C4_LR    ?= 5e-4,1e-3,2e-3,4e-3,8e-3
+CAL_C4_PARTS := calibrate-c4-fft calibrate-c4-lora
+.PHONY: $(CAL_C4_PARTS)
+calibrate-c4: $(CAL_C4_PARTS)
+# a part's baseline from its name: calibrate-c4-<method>
+$(CAL_C4_PARTS): $(STAMP)
+	$(FINETUNE) experiment=pretrain_c4 method=$(@:calibrate-c4-%=%) lr=$(CAL_C4_LR) seed=0
 	$(PY) -m analysis c4-calibration --runs results/runs --out reports/calibration_c4
 
 # ---- Fine-tuning (Section 5.2, Table 5, Appendix C), mini scale: stories260K, 100 steps, lm-eval after
@@ -363,8 +369,9 @@ calibrate-uuid: $(STAMP)
 ## python -m analysis.snapshot --runs results/calibrate_uuid_r2 --out tests/fixtures/calibration_uuid_r2 --scale mini
 CAL2_PAIRS   ?= 40 80 120 20
 CAL2_EVALS   ?= [100,167,233,300]
-# $(call cal_uuid_epochs,<extra overrides>,<out root>): Amendment 1's grid (batch = 0.3 N) over CAL2_PAIRS
-cal_uuid_epochs = for n in $(CAL2_PAIRS); do \
+# $(call cal_uuid_epochs,<extra overrides>,<out root>[,<pairs>]): Amendment 1's grid (batch = 0.3 N) over the
+# numbers of pairs given (default CAL2_PAIRS)
+cal_uuid_epochs = for n in $(or $(3),$(CAL2_PAIRS)); do \
 	  opts="$(1) task.n_pairs=$$n train.batch_size=$$((n * 3 / 10)) train.eval_steps=$(CAL2_EVALS) out_root=$(2)/pairs$$n"; \
 	  $(CAL_UUID) method=fft lr=$(CAL_FFT_LR) $$opts || exit 1; \
 	  $(CAL_UUID) method=lora rank=8,256 lr=$(CAL_LORA_LR) $$opts || exit 1; \
@@ -375,10 +382,16 @@ calibrate-uuid-epochs: $(STAMP)
 
 ## UUID round 3 (docs/calibration.md, Amendment 2): round 2 on the wider base stories_w128 (built first by
 ## `make base`), into results/calibrate_uuid_r3/pairs<N>/; reports/calibration_r3/calibration_uuid.md.
-## Refresh the docs' copy with
+## In one part per number of pairs for the 30-min wall clock (issue 12; 35.7 min as one on the AMD EPYC):
+## calibrate-uuid-base-pairs<N> (9 runs each), each writing the report of the runs so far; calibrate-uuid-base runs
+## them in CAL2_PAIRS' order. Refresh the docs' copy with
 ## python -m analysis.snapshot --runs results/calibrate_uuid_r3 --out tests/fixtures/calibration_uuid_r3 --scale mini
-calibrate-uuid-base: base
-	$(call cal_uuid_epochs,model=stories_w128,results/calibrate_uuid_r3)
+CAL_UUID_BASE_PARTS := $(foreach n,$(CAL2_PAIRS),calibrate-uuid-base-pairs$(n))
+.PHONY: $(CAL_UUID_BASE_PARTS)
+calibrate-uuid-base: $(CAL_UUID_BASE_PARTS)
+# a part's number of pairs from its name: calibrate-uuid-base-pairs<N>
+$(CAL_UUID_BASE_PARTS): base
+	$(call cal_uuid_epochs,model=stories_w128,results/calibrate_uuid_r3,$(@:calibrate-uuid-base-pairs%=%))
 	$(PY) -m analysis calibrate-uuid --runs results/calibrate_uuid_r3 --out reports/calibration_r3
 
 ## the wider mini base (docs/calibration.md, Amendment 2): stories260K's shape at width 128, pretrained here
@@ -387,15 +400,23 @@ base: $(STAMP)
 	$(PY) experiments/build_base.py --model stories_w128
 
 ## why LoRA ends below FFT in the first mini C4 preset (docs/calibration.md): FFT and LoRA r=128 at seed 0 under a
-## finer FFT lr grid, 4x the steps, and LoRA with embeddings/norms/head frozen; reports/c4_diagnosis/c4_diagnosis.md
-C4_DIAG := $(FINETUNE) experiment=pretrain_c4_first_mini seed=0
-c4-diagnosis: $(STAMP)
+## finer FFT lr grid, 4x the steps, and LoRA with embeddings/norms/head frozen; reports/c4_diagnosis/c4_diagnosis.md.
+## In two parts for the 30-min wall clock (issue 12; about 61 min as one on a shared AMD EPYC), each writing the
+## report of the runs so far: c4-diagnosis-rates (the preset's length: FFT's finer grid, LoRA, LoRA with frozen
+## embeddings; 7 runs) and c4-diagnosis-steps (FFT and LoRA at 4x the steps; 2 runs); c4-diagnosis runs both
+C4_DIAG        := $(FINETUNE) experiment=pretrain_c4_first_mini seed=0
+C4_DIAG_REPORT := $(PY) -m analysis c4-diagnosis --runs results/c4_diagnosis --out reports/c4_diagnosis
+.PHONY: c4-diagnosis-rates c4-diagnosis-steps
+c4-diagnosis: c4-diagnosis-rates c4-diagnosis-steps
+c4-diagnosis-rates: $(STAMP)
 	$(C4_DIAG) method=fft lr=1e-3,2e-3,3e-3,5e-3,1e-2 out_root=results/c4_diagnosis/preset
 	$(C4_DIAG) method=lora lr=3e-3 out_root=results/c4_diagnosis/preset
 	$(C4_DIAG) method=lora lr=3e-3 'method.trainable_modules=[]' out_root=results/c4_diagnosis/frozen_embeddings
+	$(C4_DIAG_REPORT)
+c4-diagnosis-steps: $(STAMP)
 	$(C4_DIAG) method=fft,lora lr=3e-3 train.max_steps=1600 train.warmup_steps=160 \
 	  'train.eval_steps=[200,400,600,800,1000,1200,1400,1600]' out_root=results/c4_diagnosis/steps1600
-	$(PY) -m analysis c4-diagnosis --runs results/c4_diagnosis --out reports/c4_diagnosis
+	$(C4_DIAG_REPORT)
 
 # ---- Everything
 
