@@ -85,3 +85,52 @@ def test_the_rank_parts_of_each_learning_rate_grid_run_the_whole_grid_once():
         assert whole == [("8 256", task)]
         parts = [loop for r in (8, 256) for loop in grid_loops(dry_run(f"table1-{column}-lr-grid-r{r}"))]
         assert parts == [("8", task), ("256", task)]
+
+
+def run_lines(recipe: str) -> list[str]:
+    """The experiments/run.py commands of a recipe, continuation lines joined, in order."""
+    joined = recipe.replace("\\\n", " ")
+    return [" ".join(line.split()) for line in joined.splitlines() if "experiments/run.py" in line]
+
+
+def makefile_default(name: str) -> str:
+    (value,) = re.findall(rf"^{name}\s+\?= (.+)$", (REPO / "Makefile").read_text(), re.M)
+    return value.strip()
+
+
+def test_the_c4_diagnosis_parts_run_the_whole_diagnosis_once_each_writing_the_report():
+    whole = dry_run("c4-diagnosis")
+    rates, steps = dry_run("c4-diagnosis-rates"), dry_run("c4-diagnosis-steps")
+    assert run_lines(rates) + run_lines(steps) == run_lines(whole)
+    assert len(run_lines(rates)) == 3 and len(run_lines(steps)) == 1
+    assert all("train.max_steps" not in line for line in run_lines(rates))  # the preset's length
+    assert "train.max_steps=1600" in run_lines(steps)[0]
+    for part in (rates, steps):
+        assert part.rstrip().splitlines()[-1].endswith("analysis c4-diagnosis --runs results/c4_diagnosis "
+                                                       "--out reports/c4_diagnosis")
+
+
+def test_the_c4_calibration_parts_run_each_baseline_over_the_whole_ladder():
+    ladder = makefile_default("CAL_C4_LR")
+    lines = {m: run_lines(dry_run(f"calibrate-c4-{m}")) for m in ("fft", "lora")}
+    for method, (line,) in lines.items():
+        assert f"experiment=pretrain_c4 method={method} lr={ladder} seed=0" in line
+    assert run_lines(dry_run("calibrate-c4")) == lines["fft"] + lines["lora"]
+    assert run_lines(dry_run("calibrate-c4-lora", "CAL_C4_LR=1e-3")) == [
+        lines["lora"][0].replace(f"lr={ladder}", "lr=1e-3")]
+
+
+def pairs_loops(recipe: str) -> list[str]:
+    return re.findall(r"for n in ([\d ]+); do", recipe)
+
+
+def test_the_wider_base_calibration_runs_one_part_per_number_of_pairs_in_the_rounds_order():
+    order = makefile_default("CAL2_PAIRS").split()
+    assert pairs_loops(dry_run("calibrate-uuid-base")) == order  # the parts, one N each, in Amendment 1's order
+    for n in order:
+        part = dry_run(f"calibrate-uuid-base-pairs{n}")
+        assert pairs_loops(part) == [n]
+        assert "model=stories_w128" in part and f"out_root=results/calibrate_uuid_r3/pairs$n" in part
+        assert "build_base.py --model stories_w128" in part  # the base first, as the whole target
+    assert pairs_loops(dry_run("calibrate-uuid-base", "CAL2_PAIRS=20 40")) == ["20", "40"]
+    assert pairs_loops(dry_run("calibrate-uuid-epochs")) == [" ".join(order)]  # round 2 stays one loop
