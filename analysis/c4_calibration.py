@@ -155,7 +155,8 @@ def calibration_markdown(runs: Sequence[CalibrationRun], train_tokens: int | Non
         rates = ", ".join(f"{lr:g}" for lr in choice.rates)
         if choice.extend_to is not None:
             lines.append(f"- {name}: optimum {choice.optimum.lr:g} is at an end of the rates run ({rates}): "
-                         f"extend the ladder to {choice.extend_to:g} (`make calibrate-c4 CAL_C4_LR=...`) before "
+                         f"extend the ladder to {choice.extend_to:g} (`make calibrate-c4-{method} "
+                         f"CAL_C4_LR={choice.extend_to:g}`) before "
                          "choosing a grid.")
             continue
         arms = "FFT" if method == "fft" else "LoRA, MoRA, ReLoRA and ReMoRA (one adapter grid)"

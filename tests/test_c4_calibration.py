@@ -57,7 +57,8 @@ def test_optimum_inside_gives_a_centred_grid_and_at_an_end_asks_for_an_extension
     assert choices["lora"].optimum.lr == 4e-3 and choices["lora"].extend_to == 8e-3
     text = calibration_markdown(runs)
     assert "Table 3 grid {0.001, 0.002, 0.004} for FFT" in text
-    assert "LoRA: optimum 0.004 is at an end of the rates run (0.001, 0.002, 0.004): extend the ladder to 0.008" in text
+    assert ("LoRA: optimum 0.004 is at an end of the rates run (0.001, 0.002, 0.004): extend the ladder to 0.008 "
+            "(`make calibrate-c4-lora CAL_C4_LR=0.008`)") in text  # the part that runs only the arm to extend
 
 
 def test_convergence_fraction_and_overfitting_check(runs, tmp_path):

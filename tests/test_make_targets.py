@@ -130,7 +130,7 @@ def test_the_wider_base_calibration_runs_one_part_per_number_of_pairs_in_the_rou
     for n in order:
         part = dry_run(f"calibrate-uuid-base-pairs{n}")
         assert pairs_loops(part) == [n]
-        assert "model=stories_w128" in part and f"out_root=results/calibrate_uuid_r3/pairs$n" in part
+        assert "model=stories_w128" in part and "out_root=results/calibrate_uuid_r3/pairs$n" in part
         assert "build_base.py --model stories_w128" in part  # the base first, as the whole target
     assert pairs_loops(dry_run("calibrate-uuid-base", "CAL2_PAIRS=20 40")) == ["20", "40"]
     assert pairs_loops(dry_run("calibrate-uuid-epochs")) == [" ".join(order)]  # round 2 stays one loop
