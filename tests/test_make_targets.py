@@ -134,3 +134,16 @@ def test_the_wider_base_calibration_runs_one_part_per_number_of_pairs_in_the_rou
         assert "build_base.py --model stories_w128" in part  # the base first, as the whole target
     assert pairs_loops(dry_run("calibrate-uuid-base", "CAL2_PAIRS=20 40")) == ["20", "40"]
     assert pairs_loops(dry_run("calibrate-uuid-epochs")) == [" ".join(order)]  # round 2 stays one loop
+
+
+def test_the_c4_grid_parts_run_each_arm_s_grid_once_and_the_whole_compares_every_arm():
+    arms = ["fft", "lora", "mora", "relora", "remora"]
+    parts = {m: run_lines(dry_run(f"c4-lr-grid-{m}")) for m in arms}
+    for method, (line,) in parts.items():
+        assert f"method={method} lr=$(.venv/bin/python experiments/lr_grid.py task=c4 method={method}) seed=0" in line
+    whole = dry_run("c4-lr-grid")
+    assert run_lines(whole) == [line for m in arms for (line,) in [parts[m]]]
+    # each part compares its arm's choice here with the committed one, then the whole compares every arm at once
+    compare = [line for line in whole.splitlines() if "analysis best-lr" in line]
+    assert [re.findall(r"--method (\S+)", line) for line in compare] == [[m, m] for m in arms] + [[",".join(arms)] * 2]
+    assert all("--runs results/runs" in line and "--runs tests/fixtures/measured" in line for line in compare)
