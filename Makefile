@@ -46,11 +46,22 @@ test-fast: $(STAMP)
 ## one projection, side by side: every MoRA operator vs its straightforward implementation (benchmarks/straightforward.py),
 ## peft's LoRA and the bare Linear; LLaMA-2-7B shapes, 256 and 2,048 tokens, r = 8 and 256, float32, plus bfloat16 at
 ## 4096->4096 and 256 tokens (bfloat16 GEMMs are ~6x slower than float32 on a CPU without bf16 units). Step time, memory,
-## ΔW build, a verdict per row; JSON in results/bench/, copied to benchmarks/measured/, the README table re-rendered
-bench: $(STAMP)
-	$(PY) benchmarks/bench_adapters.py --out results/bench/adapters_float32.json
-	$(PY) benchmarks/bench_adapters.py --dtype bfloat16 --tokens 256 --shapes 4096x4096 --out results/bench/adapters_bfloat16.json
-	$(PY) benchmarks/report.py results/bench/adapters_float32.json results/bench/adapters_bfloat16.json
+## ΔW build, a verdict per row. In parts, each one run of bench_adapters.py (its own rounds and noise band, one table):
+## bench-float32-t256, bench-float32-t2048-<k>x<d> (one LLaMA-2-7B shape each), bench-bfloat16-r8, -r256; each writes
+## results/bench/<part>.json, copies it to benchmarks/measured/ (replacing the old results it overlaps) and re-renders
+## the README's tables. Timing assumes the other core idle: run the parts one at a time
+BENCH_SHAPES := 4096x4096 4096x11008 11008x4096
+BENCH_PARTS  := bench-float32-t256 $(foreach shape,$(BENCH_SHAPES),bench-float32-t2048-$(shape)) \
+                bench-bfloat16-r8 bench-bfloat16-r256
+.PHONY: $(BENCH_PARTS)
+bench: $(BENCH_PARTS)
+bench-float32-t256: BENCH_ARGS = --tokens 256
+$(filter bench-float32-t2048-%,$(BENCH_PARTS)): BENCH_ARGS = --tokens 2048 --shapes $(@:bench-float32-t2048-%=%)
+$(filter bench-bfloat16-%,$(BENCH_PARTS)): BENCH_ARGS = --dtype bfloat16 --tokens 256 --shapes 4096x4096 \
+                                                        --ranks $(@:bench-bfloat16-r%=%)
+$(BENCH_PARTS): $(STAMP)
+	$(PY) benchmarks/bench_adapters.py $(BENCH_ARGS) --out results/bench/$(subst -,_,$(@:bench-%=adapters_%)).json
+	$(PY) benchmarks/report.py results/bench/$(subst -,_,$(@:bench-%=adapters_%)).json
 
 ## one training step of a small LLaMA (all 7 projections adapted): bare, LoRA, MoRA share, MoRA rotate, side by side;
 ## results/bench/model.json, copied to benchmarks/measured/, the README table re-rendered

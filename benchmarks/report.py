@@ -1,8 +1,9 @@
 """The README's benchmark tables, rendered from the benchmarks' JSON (the one source of their numbers).
 
 ``python benchmarks/report.py RESULT.json … --snapshot benchmarks/measured --readme README.md`` copies
-each result into ``benchmarks/measured/`` (the files behind the README, committed; a new result of
-one kind replaces that kind's old files) and rewrites the
+each result into ``benchmarks/measured/`` (the files behind the README, committed; a new result replaces the
+old ones it overlaps: a layer benchmark those of its device and dtype that share a (shape, tokens, rank) with it,
+so ``make bench``'s parts keep each other's files; a whole-model one every old whole-model one) and rewrites the
 README between the markers ``<!-- bench:adapters -->`` / ``<!-- /bench:adapters -->`` (layer
 benchmark, bench_adapters.py) and ``<!-- bench:model -->`` / ``<!-- /bench:model -->`` (whole-model
 step, bench_model.py). tests/test_bench_report.py fails when the README and the snapshot differ.
@@ -206,6 +207,21 @@ def replace_blocks(text: str, blocks: dict[str, str]) -> str:
     return text
 
 
+def _cells(result: dict) -> set[tuple]:
+    """What a result measured: a layer benchmark's (device, dtype, k, d, tokens, rank) cells from its settings;
+    a whole-model benchmark one cell (its kind)."""
+    if result.get("kind", "adapters") != "adapters":
+        return {(result["kind"],)}
+    settings = result["settings"]
+    return {(settings["device"], settings["dtype"], k, d, tokens, rank) for k, d in settings["shapes"]
+            for tokens in settings["tokens"] for rank in settings["ranks"]}
+
+
+def overlaps(old: dict, new: dict) -> bool:
+    """Whether the result ``new`` measured a cell that ``old`` measured too (it then replaces ``old``)."""
+    return old.get("kind", "adapters") == new.get("kind", "adapters") and bool(_cells(old) & _cells(new))
+
+
 def measured_results(folder: Path = MEASURED) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
 
@@ -217,9 +233,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--readme", type=Path, default=Path("README.md"))
     args = parser.parse_args(argv)
     args.snapshot.mkdir(parents=True, exist_ok=True)
-    kinds = {json.loads(path.read_text()).get("kind", "adapters") for path in args.results}
-    for old in args.snapshot.glob("*.json"):  # a new run of a kind replaces all of that kind's old files
-        if json.loads(old.read_text()).get("kind", "adapters") in kinds:
+    new_results = [json.loads(path.read_text()) for path in args.results]
+    for old in args.snapshot.glob("*.json"):  # a new run replaces the old ones it overlaps (no stale cell is kept)
+        if any(overlaps(json.loads(old.read_text()), new) for new in new_results):
             old.unlink()
     for path in args.results:
         shutil.copyfile(path, args.snapshot / path.name)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -50,3 +52,27 @@ def test_replace_blocks_needs_the_markers():
         report.replace_blocks("no markers here", {"adapters": "table"})
     text = "a\n<!-- bench:model -->\nold\n<!-- /bench:model -->\nb"
     assert report.replace_blocks(text, {"model": "new"}) == "a\n<!-- bench:model -->\nnew\n<!-- /bench:model -->\nb"
+
+
+def test_a_new_result_replaces_only_the_old_results_it_overlaps(tmp_path):
+    """make bench's parts each snapshot their own result: one part's run keeps the other parts' files."""
+    snapshot = tmp_path / "measured"
+    snapshot.mkdir()
+    committed = {p.name: json.loads(p.read_text()) for p in report.MEASURED.glob("adapters_*.json")}
+    for name, result in committed.items():
+        (snapshot / name).write_text(json.dumps(result))
+    (snapshot / "model.json").write_text((report.MEASURED / "model.json").read_text())
+    part = copy.deepcopy(committed["adapters_float32_t2048.json"])  # one shape of the 2,048-token run
+    part["settings"]["shapes"] = [[4096, 4096]]
+    part["entries"] = [e for e in part["entries"] if (e["in_features"], e["out_features"]) == (4096, 4096)]
+    new = tmp_path / "adapters_float32_t2048_4096x4096.json"
+    new.write_text(json.dumps(part))
+    readme = tmp_path / "README.md"
+    readme.write_text("".join(f"<!-- bench:{kind} -->\n<!-- /bench:{kind} -->\n" for kind in ("adapters", "model")))
+    report.main([str(new), "--snapshot", str(snapshot), "--readme", str(readme)])
+    left = {p.name for p in snapshot.glob("*.json")}
+    assert left == set(committed) - {"adapters_float32_t2048.json"} | {new.name, "model.json"}
+    t256 = committed["adapters_float32_t256.json"]
+    assert report.overlaps(t256, committed["adapters_float32_t256_4096x11008_r7.json"])  # one shape, more rounds
+    assert not report.overlaps(committed["adapters_float32_t256.json"], committed["adapters_bfloat16.json"])
+    assert readme.read_text().count("**float32**") == len([n for n in left if n.startswith("adapters_float32")])

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 from pathlib import Path
+
+from benchmarks import bench_adapters, report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,3 +150,24 @@ def test_the_c4_grid_parts_run_each_arm_s_grid_once_and_the_whole_compares_every
     compare = [line for line in whole.splitlines() if "analysis best-lr" in line]
     assert [re.findall(r"--method (\S+)", line) for line in compare] == [[m, m] for m in arms] + [[",".join(arms)] * 2]
     assert all("--runs results/runs" in line and "--runs tests/fixtures/measured" in line for line in compare)
+
+
+def test_the_bench_parts_measure_every_cell_of_the_benchmark_once_each_into_its_own_result():
+    runs = [line.split("bench_adapters.py", 1)[1] for line in dry_run("bench").splitlines()
+            if "benchmarks/bench_adapters.py" in line]
+    assert len(runs) == 6
+    cells, outs = [], []
+    for run in runs:
+        settings = bench_adapters.resolve_settings(bench_adapters.build_parser().parse_args(shlex.split(run)))
+        assert (settings["repeats"], settings["threads"]) == (3, 1)  # the defaults: comparable with the committed
+        settings["device"] = "cpu"
+        cells.append(report._cells({"kind": "adapters", "settings": settings}))
+        outs.append(settings["out"])
+    shapes = bench_adapters.LLAMA2_7B_SHAPES
+    float32 = {("cpu", "float32", k, d, t, r) for k, d in shapes for t in (256, 2048) for r in (8, 256)}
+    bfloat16 = {("cpu", "bfloat16", 4096, 4096, 256, r) for r in (8, 256)}
+    assert set().union(*cells) == float32 | bfloat16
+    assert sum(map(len, cells)) == len(float32 | bfloat16)  # no cell twice
+    assert len(set(outs)) == 6
+    for out in outs:  # each part snapshots its own result
+        assert f"benchmarks/report.py {out}" in dry_run("bench")
