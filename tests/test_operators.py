@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from mora import operators
 from mora.budget import lora_parameter_count, mora_r_hat
 from mora.layer import MoRAAdapter, MoRALinear
 from mora.operators import OFFICIAL_MORA_TYPES, OPERATORS, add_mora_update
@@ -299,3 +300,16 @@ def test_plain_autograd_path_equals_the_functions(k, d, r_hat, layout, monkeypat
     tol = dict(rtol=1e-6, atol=1e-6) if layout[0] == "rotate" else dict(rtol=1e-12, atol=1e-12)
     for functions, plain in zip(*results):
         torch.testing.assert_close(plain, functions, **tol)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_bfloat16_rotation_on_the_cpu_is_the_float32_rotation_rounded_once(transpose):
+    # A CPU runs bfloat16-by-float32 element-wise ops in a slow mixed-dtype loop (and rounded after each pass);
+    # _rotate computes in float32 there and rounds once: bitwise the float32 result cast to bfloat16.
+    r_hat, n = 64, 5
+    cos, sin = operators.rotation_tables(r_hat, n)
+    v = torch.randn(7, n, r_hat, generator=torch.Generator().manual_seed(0)).bfloat16()
+    expected = operators._rotate(v.float(), cos, sin, transpose).bfloat16()
+    assert torch.equal(operators._rotate(v, cos, sin, transpose), expected)
+    out = torch.empty_like(v)
+    assert operators._rotate(v, cos, sin, transpose, out=out) is out and torch.equal(out, expected)
