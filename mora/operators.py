@@ -526,7 +526,7 @@ def _rotate(v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bo
     Three fused passes, no rotate-half copy. On a GPU the float32 tables promote a bfloat16 v in-register. A
     CPU has no vectorised loop for operands of two dtypes (bfloat16 v, float32 tables: 7.5x slower than one
     dtype, which made rotation miss its bfloat16 targets where the GEMMs are fast), so there both are converted
-    to the promoted dtype once (the same arithmetic) and the result rounded to v's dtype once.
+    to the promoted dtype once (float64 v: the same arithmetic as before) and the result rounded to v's dtype once.
     """
     if v.device.type == "cpu" and v.dtype != cos.dtype:
         dtype = torch.promote_types(v.dtype, cos.dtype)
